@@ -1,0 +1,1 @@
+"""gan-pipeline: distributed training of conditional GANs."""
