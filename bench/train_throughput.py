@@ -1,0 +1,79 @@
+"""Training throughput of an experiment: prints one JSON line.
+
+    python bench/train_throughput.py --steps 20 experiment=biggan_cifar32 [more Hydra overrides]
+
+Runs `--warmup` + `--steps` D steps of the real training loop (gan-train's `run`, W&B off) and reports
+real images shown to D per second, seconds per D step (a G step is included every `d_steps`), peak RSS
+and parameter counts. Data is the configured dataset (the embedded digits unless overridden).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pipeline.train as train  # noqa: E402
+
+
+class StepTimer(L.Callback):
+    """Wall time of the D steps after the warm-up ones."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.t1, self.images0, self.images1, self.steps = warmup, 0.0, 0.0, 0, 0, 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.t0, self.images0 = time.perf_counter(), pl_module.images_seen
+        self.t1, self.images1 = time.perf_counter(), pl_module.images_seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed D steps")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed D steps first")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=biggan_cifar32")
+    args = parser.parse_args()
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        probe = compose(config_name="train", overrides=args.overrides)
+        batch = probe.data.batch_size
+        kimg = (args.warmup + args.steps) * batch / 1000
+        with tempfile.TemporaryDirectory() as out:
+            cfg = compose(config_name="train", overrides=[
+                *args.overrides, f"train.kimg={kimg}", "logger=null", f"paths.output_dir={out}", "run.name=bench",
+                f"train.sample_every_kimg={kimg * 10}", f"train.ckpt_every_kimg={kimg * 10}"])
+            timer = StepTimer(args.warmup)
+            _, gan = train.run(cfg, callbacks=[timer])
+    seconds = timer.t1 - timer.t0
+    steps = timer.steps - timer.warmup
+    print(json.dumps({
+        "bench": "train_throughput",
+        "overrides": args.overrides,
+        "model": cfg.model.name,
+        "batch_per_device": batch,
+        "d_steps_per_g_step": cfg.model.objective.d_steps,
+        "timed_d_steps": steps,
+        "real_images_per_s": round((timer.images1 - timer.images0) / seconds, 2),
+        "seconds_per_d_step": round(seconds / steps, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "params_G": sum(p.numel() for p in gan.G.parameters()),
+        "params_D": sum(p.numel() for p in gan.D.parameters()),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Gradient and buffer synchronisation across data-parallel ranks.
+
+We all-reduce gradients by hand instead of wrapping G and D in DistributedDataParallel because a GAN
+step breaks DDP's assumptions: D runs forward twice per G step, G's parameters are unused in the D
+step, and gradient penalties (R1, path length) need double backward, which DDP's reducer does not
+support. StyleGAN2-ADA synchronises the same way. With identical initial weights, identical averaged
+gradients and identical optimizers, every rank keeps identical parameters.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
+    """Average the gradients of `params` over all ranks (one flat all-reduce)."""
+    n = world_size()
+    if n == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:  # a parameter unused on this step still takes part, so buckets line up across ranks
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= n
+    offset = 0
+    for p in params:
+        numel = p.numel()
+        p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
+        offset += numel
+
+
+def sync_buffers(module: nn.Module) -> None:
+    """Average BatchNorm running statistics across ranks; broadcast every other buffer from rank 0.
+
+    Running statistics are exponential moving averages, which are linear, so averaging them every step
+    gives the running average of the per-rank statistics. Other buffers (spectral-norm vectors, counters)
+    are already equal on every rank; broadcasting guards against rounding drift.
+    """
+    n = world_size()
+    if n == 1:
+        return
+    for name, buf in module.named_buffers():
+        if name.endswith(("running_mean", "running_var")) and buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= n
+        else:
+            dist.broadcast(buf, src=0)
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank (start of training)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)

@@ -1,0 +1,154 @@
+"""The GAN as a LightningModule: G, D, G_ema, two optimizers, and a training step that reads like the algorithm.
+
+One training step consumes one real batch and makes one D step; every `objective.d_steps` D steps it
+also makes one G step (BigGAN-PyTorch's schedule). Gradients are averaged across ranks by
+`pipeline.distributed.sync`, not by a DDP wrapper (see that module for why).
+"""
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.distributed.sync import all_reduce_grads, sync_buffers, world_size
+from pipeline.losses.adversarial import get_loss
+from pipeline.losses.regularizers import orthogonal_penalty
+from pipeline.training.ema import EMASchedule, update_ema
+from pipeline.training.objective import Objective
+from pipeline.training.sampling import sample_labels
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class GAN(L.LightningModule):
+    """Conditional GAN with the `G(z, y) -> images`, `D(x, y) -> logits (N,)` contract."""
+
+    def __init__(self, *, G: nn.Module, D: nn.Module, g_opt: OptimizerFactory, d_opt: OptimizerFactory,
+                 objective: Objective, ema: EMASchedule, kimg: float,
+                 class_probs: list[float] | None = None, config: dict | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
+        self.G, self.D = G, D
+        self.G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+        self.g_opt_factory, self.d_opt_factory = g_opt, d_opt
+        self.objective, self.ema = objective, ema
+        self.d_loss_fn, self.g_loss_fn = get_loss(objective.loss)
+        self.total_images = int(round(kimg * 1000))
+        probs = torch.tensor(class_probs, dtype=torch.float) if class_probs else torch.empty(0)
+        self.register_buffer("class_probs", probs, persistent=False)
+        self.config = config or {}  # resolved config, stored in every checkpoint
+        # Counters; all are checkpointed (on_save_checkpoint) so a resumed run continues exactly here.
+        self.images_seen = 0  # real images shown to D, all ranks together
+        self.d_step = 0
+        self.g_step = 0
+
+    # ---- Lightning plumbing -------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.g_opt_factory(self.G.parameters()), self.d_opt_factory(self.D.parameters())]
+
+    def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(n, self.G.z_dim, device=self.device)
+        y = sample_labels(n, self.class_probs, device=self.device)
+        return z, y
+
+    def _optimize(self, opt: Any, loss: torch.Tensor, net: nn.Module) -> None:
+        """zero_grad -> backward -> average gradients across ranks -> step."""
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        all_reduce_grads(net.parameters())
+        opt.step()
+
+    # ---- the algorithm ------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x_real, y_real = batch  # (B, C, H, W) in [-1, 1], (B,)
+        g_opt, d_opt = self.optimizers()
+        B = x_real.shape[0]
+        obj = self.objective
+
+        # D step: real vs. fake, one D forward over both halves (as BigGAN-PyTorch does).
+        z, y_fake = self._latents(B)
+        with torch.no_grad():
+            x_fake = self.G(z, y_fake)
+        logits = self.D(torch.cat([x_real, x_fake]), torch.cat([y_real, y_fake]))
+        d_real, d_fake = logits[:B], logits[B:]
+        loss_d = self.d_loss_fn(d_real, d_fake)
+        ortho_d = orthogonal_penalty(self.D, variant=obj.ortho_variant) if obj.d_ortho > 0 else None
+        self._optimize(d_opt, loss_d if ortho_d is None else loss_d + obj.d_ortho * ortho_d, self.D)
+        self.d_step += 1
+        self.images_seen += B * world_size()
+        self.log_dict({"loss/D": loss_d.detach(), "D/real": d_real.detach().mean(),
+                       "D/fake": d_fake.detach().mean()}, on_step=True, prog_bar=False)
+        if ortho_d is not None:
+            self.log("reg/ortho_D", ortho_d.detach(), on_step=True)
+
+        # G step every `d_steps` D steps; D is frozen so no D gradients are computed (or synchronised).
+        if self.d_step % obj.d_steps == 0:
+            self.D.requires_grad_(False)
+            z, y = self._latents(B)
+            loss_g = self.g_loss_fn(self.D(self.G(z, y), y))
+            ortho_g = orthogonal_penalty(self.G, variant=obj.ortho_variant) if obj.g_ortho > 0 else None
+            self._optimize(g_opt, loss_g if ortho_g is None else loss_g + obj.g_ortho * ortho_g, self.G)
+            self.D.requires_grad_(True)
+            sync_buffers(self.G)  # BatchNorm statistics saw different data on each rank
+            update_ema(self.G_ema, self.G, self.ema.decay_at(self.g_step))
+            self.g_step += 1
+            self.log("loss/G", loss_g.detach(), on_step=True, prog_bar=True)
+            if ortho_g is not None:
+                self.log("reg/ortho_G", ortho_g.detach(), on_step=True)
+
+        self.log_dict({"progress/kimg": self.images_seen / 1000.0,
+                       "lr/G": float(g_opt.param_groups[0]["lr"]), "lr/D": float(d_opt.param_groups[0]["lr"])},
+                      on_step=True, prog_bar=False)
+        self.log("kimg", self.images_seen / 1000.0, on_step=True, prog_bar=True, logger=False)
+        if self.images_seen >= self.total_images:
+            self.trainer.should_stop = True
+
+    # ---- checkpoint contents ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs on every rank. G's BatchNorm statistics move in D steps too: make them agree before saving.
+        sync_buffers(self.G)
+        checkpoint["config"] = self.config
+        checkpoint["counters"] = {"images_seen": self.images_seen, "d_step": self.d_step, "g_step": self.g_step}
+        checkpoint["rng"] = _gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint["counters"]
+        self.images_seen, self.d_step, self.g_step = (counters["images_seen"], counters["d_step"],
+                                                      counters["g_step"])
+        _restore_rng_state(checkpoint.get("rng"))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (each rank samples its own latents), for rank 0 to write."""
+    state = _rng_state()
+    if world_size() == 1:
+        return [state]
+    states: list[Any] = [None] * world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _restore_rng_state(states: list[dict[str, Any]] | None) -> None:
+    if not states:
+        return
+    rank = dist.get_rank() if world_size() > 1 else 0
+    if len(states) != world_size():
+        return  # a different world size: keep the fresh per-rank seeds set at start-up
+    s = states[rank]
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    kind, keys, *rest = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))

@@ -1,0 +1,137 @@
+"""`gan-train`: compose the config, build data, G, D and the GAN module, and fit.
+
+Reading path: this file -> pipeline/gan_module.py -> pipeline/models/<arch>/ -> pipeline/losses/.
+Start it directly (`gan-train ...` or `python -m pipeline.train ...`) or under torchrun for DDP.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config import ConfigError, build, check_targets
+from pipeline.distributed.env import launch_world
+from pipeline.gan_module import GAN
+from pipeline.training.callbacks import RunSummary, SampleGrid
+
+_STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
+# The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
+# so a timestamp could differ between ranks; we require run.name there (see _check_world).
+OmegaConf.register_new_resolver("run_name", lambda name: name or _STARTED, replace=True)
+
+
+def find_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    """resume=null -> None; auto -> run_dir's last.ckpt if any; a file or a run directory -> its checkpoint."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(resume)
+    for candidate in (path, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(f"resume={resume!r}: no checkpoint there. Give a .ckpt file, a run directory, or resume=auto")
+
+
+def _check_world(cfg: DictConfig) -> tuple[int, int]:
+    """Trainer devices x nodes must match the processes torchrun started; returns (world, rank)."""
+    world, rank, local_world = launch_world()
+    devices, nodes = cfg.trainer.devices, cfg.trainer.num_nodes
+    if world == 1:
+        if devices not in ("auto", 1) or nodes != 1:
+            raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={nodes} need one process per device: "
+                              "launch with `torchrun --nproc-per-node N -m pipeline.train ...`")
+        return 1, 0
+    if devices == "auto":
+        devices = local_world
+    if devices * nodes != world:
+        raise ConfigError(f"trainer.devices={devices} x trainer.num_nodes={nodes} != {world} processes started by "
+                          f"torchrun: set trainer.devices={local_world} trainer.num_nodes={world // local_world}")
+    if cfg.run.name is None:
+        raise ConfigError("run.name is required under torchrun (every rank must pick the same run directory): "
+                          "add run.name=<name>")
+    return world, rank
+
+
+def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[Path, GAN]:
+    """Train as `cfg` says; returns the run directory and the trained module. `callbacks` are added (tests, benchmarks)."""
+    check_targets(cfg)
+    world, rank = _check_world(cfg)
+    run_dir = (Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized()
+               else Path(cfg.paths.output_dir) / (cfg.run.name or _STARTED))
+    L.seed_everything(cfg.seed + rank, workers=True, verbose=False)  # different latents on each rank
+
+    settings = build(cfg, "train")
+    global_batch = cfg.data.batch_size * world
+    batches_per_epoch = max(1, round(settings.ckpt_every_kimg * 1000 / global_batch))  # one "epoch" per checkpoint
+    datamodule = build(cfg, "data", batches_per_epoch=batches_per_epoch)
+    datamodule.setup("fit")  # validates data.* against the shard manifest before anything heavy is built
+    G = build(cfg, "model.generator")
+    D = build(cfg, "model.discriminator")
+    counts = datamodule.manifest.get("class_counts") or {}
+    class_probs = [counts[str(i)] for i in range(cfg.data.num_classes)] if cfg.data.num_classes > 0 else None
+    gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
+              objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
+              class_probs=class_probs, config=OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = find_checkpoint(cfg.resume, run_dir)
+    id_file = run_dir / "wandb_run_id.txt"  # a resumed run continues the same W&B run
+    run_id = id_file.read_text().strip() if ckpt_path and id_file.is_file() else uuid.uuid4().hex[:8]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    logger = build(cfg, "logger", save_dir=str(run_dir), run_id=run_id) if cfg.get("logger") else False
+    if logger:
+        logger.log_hyperparams(gan.config)
+
+    total_batches = math.ceil(settings.kimg * 1000 / global_batch)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices if world == 1 else world // cfg.trainer.num_nodes,
+        num_nodes=cfg.trainer.num_nodes, strategy=build(cfg, "strategy") if world > 1 else "auto",
+        precision=cfg.trainer.precision, max_epochs=math.ceil(total_batches / batches_per_epoch),
+        logger=logger, default_root_dir=str(run_dir), num_sanity_val_steps=0, limit_val_batches=0,
+        log_every_n_steps=max(1, round(settings.log_every_kimg * 1000 / global_batch)),
+        enable_model_summary=rank == 0, use_distributed_sampler=False,  # webdataset splits by rank itself
+        callbacks=[
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="kimg-{kimg:07.1f}", auto_insert_metric_name=False,
+                            save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, save_last=True),
+            SampleGrid(out_dir=run_dir / "samples", every_kimg=settings.sample_every_kimg,
+                       samples_per_class=settings.samples_per_class, truncation=settings.truncation,
+                       seed=settings.sample_seed),
+            RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
+            *(callbacks or []),
+        ],
+    )
+    if ckpt_path and rank == 0:
+        print(f"Resuming from {ckpt_path}", file=sys.stderr)
+    trainer.fit(gan, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return run_dir, gan
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"gan-train: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    torch.set_float32_matmul_precision("high")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

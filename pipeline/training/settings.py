@@ -1,0 +1,27 @@
+"""Run-level settings (`train.*` in conf/train.yaml): length, intervals, sampling."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything about a run that is neither the model, the data nor the objective.
+
+    Lengths are in kimg: thousands of real images shown to D, summed over all ranks.
+    """
+
+    kimg: float = 100.0
+    log_every_kimg: float = 1.0
+    sample_every_kimg: float = 10.0
+    ckpt_every_kimg: float = 25.0
+    samples_per_class: int = 10  # columns of the sample grid; one row per class
+    truncation: float | None = None  # None = plain N(0, I); else z resampled until |z| <= truncation (BigGAN)
+    sample_seed: int = 123  # fixed latents for the sample grids
+
+    def __post_init__(self) -> None:
+        for key in ("kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg", "truncation"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be > 0")
+        if self.samples_per_class < 1:
+            raise ValueError(f"train.samples_per_class={self.samples_per_class} must be >= 1")

@@ -1,0 +1,47 @@
+"""Two CPU processes under torchrun (gloo): weights stay identical, data differs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.distributed
+
+
+def _torchrun(args: list[str], tmp_path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           **(extra_env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(29500 + os.getpid() % 1000), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_ranks_keep_identical_weights_and_see_different_data(tmp_path, shard_cache):
+    overrides = TINY + ["train.kimg=0.32", "logger=null", "run.name=ddp", f"paths.output_dir={tmp_path}",
+                        f"paths.cache_dir={shard_cache}", "model.ema.start_step=1", "train.sample_every_kimg=1",
+                        "train.ckpt_every_kimg=1"]
+    proc = _torchrun(["tests/distributed/ddp_worker.py", str(tmp_path), *overrides], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # 0.32 kimg at 16 per rank x 2 ranks = 10 D steps; both ranks count the global images.
+    assert r0["images_seen"] == r1["images_seen"] == 320
+    for net in ("G", "D", "G_ema"):
+        assert r0[net].keys() == r1[net].keys()
+        for k in r0[net]:
+            assert torch.equal(r0[net][k], r1[net][k]), f"{net}.{k} differs between ranks"
+    # Training moved the weights away from G_ema's copy, so identity is not trivial.
+    assert any(not torch.equal(r0["G"][k], r0["G_ema"][k]) for k in r0["G"] if r0["G"][k].is_floating_point())
+    assert len(r0["batches"]) == len(r1["batches"]) == 10
+    assert not set(r0["batches"]) & set(r1["batches"]), "ranks trained on the same batches"
+
+
+def test_torchrun_without_run_name_is_a_config_error(tmp_path, shard_cache):
+    proc = _torchrun(["-m", "pipeline.train", "logger=null", f"paths.output_dir={tmp_path}",
+                      f"paths.cache_dir={shard_cache}"], tmp_path)
+    assert proc.returncode != 0
+    assert "run.name" in proc.stderr

@@ -1,0 +1,120 @@
+"""`gan-train` end to end: outputs, the offline W&B record, resume, and config errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT, TINY
+
+TRAIN = [sys.executable, "-m", "pipeline.train"]
+
+
+def _gan_train(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", **(env_extra or {})}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(TRAIN + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _wandb_records(run_dir: Path) -> list[dict]:
+    """The offline run's history records, read with wandb's own reader (`wandb leet inspect --json`).
+
+    Offline runs write no wandb-summary.json; the .wandb transaction log is the record.
+    """
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert files, f"no offline W&B run under {run_dir}"
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    records = []
+    for f in files:
+        out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(f)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        for line in out.splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == "history":
+                records.append(rec["history"]["item"])
+    return records
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, shard_cache):
+    out = tmp_path_factory.mktemp("runs")
+    common = TINY + [f"paths.output_dir={out}", f"paths.cache_dir={shard_cache}", "run.name=short",
+                     "train.sample_every_kimg=0.25", "train.ckpt_every_kimg=0.25", "logger.mode=offline",
+                     "model.ema.start_step=2"]
+    first = _gan_train(common + ["train.kimg=0.5"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = out / "short"
+    summary_first = json.loads((run_dir / "summary.json").read_text())
+    second = _gan_train(common + ["train.kimg=0.8", "resume=auto"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    return run_dir, summary_first, second
+
+
+def test_run_writes_samples_checkpoints_and_summary(short_run):
+    run_dir, summary, _ = short_run
+    assert summary["images_seen"] >= 500 and summary["kimg"] == pytest.approx(summary["images_seen"] / 1000)
+    assert summary["images_per_s"] > 0 and {"loss/D", "loss/G"} <= set(summary["final"])
+    grids = sorted((run_dir / "samples").glob("*.png"))
+    names = {g.name for g in grids}
+    assert "kimg-00000.0.png" in names and "final.png" in names and len(grids) >= 4
+    img = Image.open(run_dir / "samples" / "final.png")
+    # one row per class (10), samples_per_class columns (10), 32x32 tiles with 1-pixel padding
+    assert img.size == (10 * 33 + 1, 10 * 33 + 1)
+    ckpts = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in ckpts and any(n.startswith("kimg-") for n in ckpts)
+
+
+def test_checkpoint_is_plain_data_with_config_counters_and_rng(short_run):
+    run_dir, _, _ = short_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled code
+    assert ckpt["config"]["model"]["name"] == "biggan" and ckpt["config"]["train"]["kimg"] == 0.8
+    assert ckpt["counters"]["images_seen"] >= 800
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("G.") for k in keys) and any(k.startswith("G_ema.") for k in keys)
+    assert any(k.startswith("D.") for k in keys) and len(ckpt["optimizer_states"]) == 2
+    assert len(ckpt["rng"]) == 1 and "torch" in ckpt["rng"][0]
+
+
+def test_resume_continues_counters_and_wandb_run(short_run):
+    run_dir, first, second = short_run
+    assert "Resuming from" in second.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["images_seen"] >= 800
+    # The resumed session only trained the remainder, continuing the step counters.
+    assert summary["images_this_session"] == summary["images_seen"] - first["images_seen"]
+    assert summary["d_steps"] == summary["images_seen"] // 16
+    runs = list(run_dir.glob("wandb/offline-run-*"))
+    assert len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, "the resumed run must keep its W&B run id"
+
+
+def test_offline_wandb_record_has_losses_rates_and_images(short_run):
+    run_dir, _, _ = short_run
+    records = _wandb_records(run_dir)
+    keys = set().union(*records)
+    for key in ("loss/D", "loss/G", "D/real", "D/fake", "lr/G", "lr/D", "progress/kimg", "perf/images_per_s"):
+        assert key in keys, f"{key} missing from the W&B history: {sorted(keys)}"
+    images = [r for r in records if "samples._type" in r]
+    assert images and all(r["samples._type"] == "images/separated" and r["samples.format"] == "png" for r in images)
+    # one grid per sample interval (0, 0.25, 0.5 kimg, final) in the first session, more after the resume
+    assert len(images) >= 4 and images[0]["samples.height"] == 10 * 33 + 1
+    assert all(r["lr/G"] == pytest.approx(2e-4) for r in records if "lr/G" in r)
+    kimgs = [r["progress/kimg"] for r in records if "progress/kimg" in r]
+    assert max(kimgs) >= 0.8
+
+
+@pytest.mark.parametrize("override, key", [
+    (["model.generator.ch=abc"], "model.generator.ch"),
+    (["data.resolution=48"], "resolution"),
+    (["model.generator.nonexistent=1"], "nonexistent"),
+    (["train.kimg=-3"], "train.kimg"),
+])
+def test_bad_override_exits_nonzero_naming_the_key(override, key, tmp_path, shard_cache):
+    proc = _gan_train(override + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}", "logger=null"])
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr[-2000:]
