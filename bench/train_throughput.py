@@ -52,7 +52,7 @@ def main() -> None:
         kimg = (args.warmup + args.steps) * batch / 1000
         with tempfile.TemporaryDirectory() as out:
             cfg = compose(config_name="train", overrides=[
-                *args.overrides, f"train.kimg={kimg}", "logger=null", f"paths.output_dir={out}", "run.name=bench",
+                *args.overrides, f"train.kimg={kimg}", "~logger", f"paths.output_dir={out}", "run.name=bench",
                 f"train.sample_every_kimg={kimg * 10}", f"train.ckpt_every_kimg={kimg * 10}"])
             timer = StepTimer(args.warmup)
             _, gan = train.run(cfg, callbacks=[timer])

@@ -22,7 +22,7 @@ def _torchrun(args: list[str], tmp_path, extra_env: dict | None = None) -> subpr
 
 
 def test_two_ranks_keep_identical_weights_and_see_different_data(tmp_path, shard_cache):
-    overrides = TINY + ["train.kimg=0.32", "logger=null", "run.name=ddp", f"paths.output_dir={tmp_path}",
+    overrides = TINY + ["train.kimg=0.32", "~logger", "run.name=ddp", f"paths.output_dir={tmp_path}",
                         f"paths.cache_dir={shard_cache}", "model.ema.start_step=1", "train.sample_every_kimg=1",
                         "train.ckpt_every_kimg=1"]
     proc = _torchrun(["tests/distributed/ddp_worker.py", str(tmp_path), *overrides], tmp_path)
@@ -41,7 +41,7 @@ def test_two_ranks_keep_identical_weights_and_see_different_data(tmp_path, shard
 
 
 def test_torchrun_without_run_name_is_a_config_error(tmp_path, shard_cache):
-    proc = _torchrun(["-m", "pipeline.train", "logger=null", f"paths.output_dir={tmp_path}",
+    proc = _torchrun(["-m", "pipeline.train", "~logger", f"paths.output_dir={tmp_path}",
                       f"paths.cache_dir={shard_cache}"], tmp_path)
     assert proc.returncode != 0
     assert "run.name" in proc.stderr
