@@ -3,8 +3,8 @@
     python bench/train_throughput.py --steps 20 experiment=biggan_cifar32 [more Hydra overrides]
 
 Runs `--warmup` + `--steps` D steps of the real training loop (gan-train's `run`, W&B off) and reports
-real images shown to D per second, seconds per D step (a G step is included every `d_steps`), peak RSS
-and parameter counts. Data is the configured dataset (the embedded digits unless overridden).
+real images shown to D per second, seconds per D step (a G step is included every `d_steps`), peak RSS,
+parameter counts, and this machine's fp32 GEMM speed at the time (throughput scales with it). Data is the configured dataset (the embedded digits unless overridden).
 """
 from __future__ import annotations
 
@@ -39,6 +39,16 @@ class StepTimer(L.Callback):
         self.t1, self.images1 = time.perf_counter(), pl_module.images_seen
 
 
+def gemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """fp32 matmul speed of this machine right now, so that figures from different days compare."""
+    a = torch.randn(n, n)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed D steps")
@@ -46,6 +56,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=biggan_cifar32")
     args = parser.parse_args()
 
+    gemm = gemm_gflops()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         probe = compose(config_name="train", overrides=args.overrides)
         batch = probe.data.batch_size
@@ -71,6 +82,7 @@ def main() -> None:
         "params_G": sum(p.numel() for p in gan.G.parameters()),
         "params_D": sum(p.numel() for p in gan.D.parameters()),
         "torch_threads": torch.get_num_threads(),
+        "fp32_gemm_gflops": round(gemm, 1),
         "torch": torch.__version__,
     }))
 
