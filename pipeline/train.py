@@ -10,11 +10,11 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -119,7 +119,12 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     return run_dir, gan
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+# An absolute path: relative ones resolve against the calling module, which differs between
+# `python -m pipeline.train` and the `gan-train` console script.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
@@ -129,7 +134,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    torch.set_float32_matmul_precision("high")
+    # G_ema is deliberately in eval mode; Lightning would warn about it at every start.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     _hydra_main()
 
 

@@ -109,6 +109,17 @@ def test_offline_wandb_record_has_losses_rates_and_images(short_run):
     assert max(kimgs) >= 0.8
 
 
+def test_console_scripts_find_their_configs():
+    """The installed `gan-train` resolves conf/ like `python -m pipeline.train` does."""
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "gan-train"), "--cfg", "job", "train.kimg=7"], cwd="/", capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kimg: 7" in proc.stdout and "_target_: pipeline.models.biggan.generator.Generator" in proc.stdout
+    proc = subprocess.run([str(bin_dir / "gan-shards"), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--shard-size" in proc.stdout
+
+
 @pytest.mark.parametrize("override, key", [
     (["model.generator.ch=abc"], "model.generator.ch"),
     (["data.resolution=48"], "resolution"),
