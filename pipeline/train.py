@@ -76,7 +76,10 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     global_batch = cfg.data.batch_size * world
     batches_per_epoch = max(1, round(settings.ckpt_every_kimg * 1000 / global_batch))  # one "epoch" per checkpoint
     datamodule = build(cfg, "data", batches_per_epoch=batches_per_epoch)
-    datamodule.setup("fit")  # validates data.* against the shard manifest before anything heavy is built
+    try:  # validates data.* against the shard manifest before anything heavy is built
+        datamodule.setup("fit")
+    except ValueError as e:  # the message names the data.* key and the value that fixes it
+        raise ConfigError(str(e)) from e
     G = build(cfg, "model.generator")
     D = build(cfg, "model.discriminator")
     counts = datamodule.manifest.get("class_counts") or {}

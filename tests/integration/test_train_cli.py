@@ -125,8 +125,10 @@ def test_console_scripts_find_their_configs():
     (["data.resolution=48"], "resolution"),
     (["model.generator.nonexistent=1"], "nonexistent"),
     (["train.kimg=-3"], "train.kimg"),
+    (["data.num_classes=5"], "data.num_classes=10"),  # disagrees with the shard manifest: says what to set
 ])
 def test_bad_override_exits_nonzero_naming_the_key(override, key, tmp_path, shard_cache):
     proc = _gan_train(override + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}", "~logger"])
     assert proc.returncode != 0
     assert key in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
