@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.distributed.sync import all_reduce_grads, sync_buffers, world_size
+from pipeline.distributed.sync import all_reduce_grads, all_reduce_mean_, sync_buffers, world_size
 from pipeline.losses.adversarial import get_loss
-from pipeline.losses.regularizers import orthogonal_penalty
-from pipeline.training.ema import EMASchedule, update_ema
+from pipeline.losses.regularizers import orthogonal_penalty, path_length_penalty, r1_penalty
+from pipeline.training.ema import EMAHalfLife, EMASchedule, update_ema
 from pipeline.training.objective import Objective
 from pipeline.training.sampling import sample_labels
 
@@ -31,7 +31,7 @@ class GAN(L.LightningModule):
     """Conditional GAN with the `G(z, y) -> images`, `D(x, y) -> logits (N,)` contract."""
 
     def __init__(self, *, G: nn.Module, D: nn.Module, g_opt: OptimizerFactory, d_opt: OptimizerFactory,
-                 objective: Objective, ema: EMASchedule, kimg: float,
+                 objective: Objective, ema: EMASchedule | EMAHalfLife, kimg: float,
                  class_probs: list[float] | None = None, config: dict | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
@@ -39,6 +39,10 @@ class GAN(L.LightningModule):
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False)
         self.g_opt_factory, self.d_opt_factory = g_opt, d_opt
         self.objective, self.ema = objective, ema
+        if objective.pl.enabled and not hasattr(G, "mapping"):
+            raise ValueError("pl_weight > 0 needs a generator that exposes its w (G.mapping, e.g. StyleGAN2); "
+                             "set model.objective.pl_weight=0")
+        self.register_buffer("pl_mean", torch.zeros(()))  # running mean of path lengths (checkpointed)
         self.d_loss_fn, self.g_loss_fn = get_loss(objective.loss)
         self.total_images = int(round(kimg * 1000))
         probs = torch.tensor(class_probs, dtype=torch.float) if class_probs else torch.empty(0)
@@ -51,7 +55,8 @@ class GAN(L.LightningModule):
 
     # ---- Lightning plumbing -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [self.g_opt_factory(self.G.parameters()), self.d_opt_factory(self.D.parameters())]
+        return [_make_optimizer(self.g_opt_factory, self.G, self.objective.pl),
+                _make_optimizer(self.d_opt_factory, self.D, self.objective.r1)]
 
     def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.G.z_dim, device=self.device)
@@ -72,36 +77,54 @@ class GAN(L.LightningModule):
         B = x_real.shape[0]
         obj = self.objective
 
-        # D step: real vs. fake, one D forward over both halves (as BigGAN-PyTorch does).
+        # D step: real vs. fake (two D passes: minibatch-stddev must not mix real and fake samples).
         z, y_fake = self._latents(B)
         with torch.no_grad():
             x_fake = self.G(z, y_fake)
-        logits = self.D(torch.cat([x_real, x_fake]), torch.cat([y_real, y_fake]))
-        d_real, d_fake = logits[:B], logits[B:]
+        r1_due = obj.r1.due(self.d_step)
+        x_real = x_real.detach().requires_grad_(r1_due)
+        d_real, d_fake = self.D(x_real, y_real), self.D(x_fake, y_fake)
         loss_d = self.d_loss_fn(d_real, d_fake)
-        ortho_d = orthogonal_penalty(self.D, variant=obj.ortho_variant) if obj.d_ortho > 0 else None
-        self._optimize(d_opt, loss_d if ortho_d is None else loss_d + obj.d_ortho * ortho_d, self.D)
+        total_d = loss_d
+        if r1_due:  # lazy R1: every r1_interval steps, gamma/2 * interval * E||grad_x D(x)||^2
+            r1 = r1_penalty(d_real, x_real)
+            total_d = total_d + obj.r1.scale * r1
+            self.log("reg/r1", r1.detach(), on_step=True)
+        if obj.d_ortho > 0:
+            ortho_d = orthogonal_penalty(self.D, variant=obj.ortho_variant)
+            total_d = total_d + obj.d_ortho * ortho_d
+            self.log("reg/ortho_D", ortho_d.detach(), on_step=True)
+        self._optimize(d_opt, total_d, self.D)
         self.d_step += 1
         self.images_seen += B * world_size()
         self.log_dict({"loss/D": loss_d.detach(), "D/real": d_real.detach().mean(),
                        "D/fake": d_fake.detach().mean()}, on_step=True, prog_bar=False)
-        if ortho_d is not None:
-            self.log("reg/ortho_D", ortho_d.detach(), on_step=True)
 
         # G step every `d_steps` D steps; D is frozen so no D gradients are computed (or synchronised).
         if self.d_step % obj.d_steps == 0:
             self.D.requires_grad_(False)
             z, y = self._latents(B)
             loss_g = self.g_loss_fn(self.D(self.G(z, y), y))
-            ortho_g = orthogonal_penalty(self.G, variant=obj.ortho_variant) if obj.g_ortho > 0 else None
-            self._optimize(g_opt, loss_g if ortho_g is None else loss_g + obj.g_ortho * ortho_g, self.G)
+            total_g = loss_g
+            if obj.pl.due(self.g_step):  # lazy path length on a smaller batch (StyleGAN2 sec. 3.2, appendix B)
+                n = max(1, B // obj.pl_batch_shrink)
+                z, y = self._latents(n)
+                images, ws = self.G(z, y, return_ws=True)
+                pl, new_mean, lengths = path_length_penalty(images, ws, self.pl_mean, decay=obj.pl_decay)
+                self.pl_mean.copy_(all_reduce_mean_(new_mean))
+                total_g = total_g + obj.pl.scale * pl
+                self.log_dict({"reg/path_length": lengths.mean(), "reg/pl_penalty": pl.detach()}, on_step=True)
+            if obj.g_ortho > 0:
+                ortho_g = orthogonal_penalty(self.G, variant=obj.ortho_variant)
+                total_g = total_g + obj.g_ortho * ortho_g
+                self.log("reg/ortho_G", ortho_g.detach(), on_step=True)
+            self._optimize(g_opt, total_g, self.G)
             self.D.requires_grad_(True)
-            sync_buffers(self.G)  # BatchNorm statistics saw different data on each rank
-            update_ema(self.G_ema, self.G, self.ema.decay_at(self.g_step))
+            sync_buffers(self.G)  # BatchNorm statistics (and w_avg) saw different data on each rank
+            decay = self.ema.decay_for(g_step=self.g_step, batch_size=B * world_size(), images_seen=self.images_seen)
+            update_ema(self.G_ema, self.G, decay)
             self.g_step += 1
             self.log("loss/G", loss_g.detach(), on_step=True, prog_bar=True)
-            if ortho_g is not None:
-                self.log("reg/ortho_G", ortho_g.detach(), on_step=True)
 
         self.log_dict({"progress/kimg": self.images_seen / 1000.0,
                        "lr/G": float(g_opt.param_groups[0]["lr"]), "lr/D": float(d_opt.param_groups[0]["lr"])},
@@ -123,6 +146,15 @@ class GAN(L.LightningModule):
         self.images_seen, self.d_step, self.g_step = (counters["images_seen"], counters["d_step"],
                                                       counters["g_step"])
         _restore_rng_state(checkpoint.get("rng"))
+
+
+def _make_optimizer(factory: OptimizerFactory, net: nn.Module, lazy: Any) -> torch.optim.Optimizer:
+    """Build an optimizer; under lazy regularization Adam's lr and betas are scaled by k/(k+1) (StyleGAN2 app. B)."""
+    keywords = getattr(factory, "keywords", {})
+    if lazy.enabled and "lr" in keywords and "betas" in keywords:
+        lr, betas = lazy.adjust_adam(keywords["lr"], tuple(keywords["betas"]))
+        return factory(net.parameters(), lr=lr, betas=betas)
+    return factory(net.parameters())
 
 
 def _rng_state() -> dict[str, Any]:

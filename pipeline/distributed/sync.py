@@ -39,7 +39,7 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
 
 
 def sync_buffers(module: nn.Module) -> None:
-    """Average BatchNorm running statistics across ranks; broadcast every other buffer from rank 0.
+    """Average running statistics (BatchNorm, StyleGAN2's w_avg) across ranks; broadcast other buffers from rank 0.
 
     Running statistics are exponential moving averages, which are linear, so averaging them every step
     gives the running average of the per-rank statistics. Other buffers (spectral-norm vectors, counters)
@@ -49,11 +49,20 @@ def sync_buffers(module: nn.Module) -> None:
     if n == 1:
         return
     for name, buf in module.named_buffers():
-        if name.endswith(("running_mean", "running_var")) and buf.is_floating_point():
+        if name.endswith(("running_mean", "running_var", "w_avg")) and buf.is_floating_point():
             dist.all_reduce(buf)
             buf /= n
         else:
             dist.broadcast(buf, src=0)
+
+
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place average of a tensor over ranks (running statistics such as the path-length mean)."""
+    n = world_size()
+    if n > 1:
+        dist.all_reduce(tensor)
+        tensor /= n
+    return tensor
 
 
 def broadcast_module(module: nn.Module) -> None:

@@ -1,4 +1,6 @@
-"""Weight regularizers: pure functions from a module to a scalar penalty; no .backward(), no state."""
+"""Regularizers: pure functions from a module or tensors to a scalar penalty; no .backward(), no state."""
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -39,3 +41,60 @@ def orthogonal_penalty(module: nn.Module, *, variant: str = "offdiag") -> Tensor
     if penalty is None:
         return torch.zeros(())
     return penalty
+
+
+def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+    """R1 without gamma/2 (Mescheder et al. 2018, eq. 9): mean_i ||grad_x D(x_i)||^2 over real x_i.
+
+    The caller multiplies by gamma / 2, and by the lazy interval k when it runs every k D steps
+    (StyleGAN2 appendix B). `real_images` (N, C, H, W) must require grad and `real_logits` (N,) or
+    (N, 1) must come from it; the graph is kept (create_graph) so the penalty can be backpropagated.
+    """
+    if not real_images.requires_grad:
+        raise ValueError(
+            "r1_penalty needs real_images.requires_grad: call real_images.detach().requires_grad_(True) "
+            "before D's forward pass"
+        )
+    # Summing the logits gives each sample's own input gradient, since D(x_i) depends only on x_i.
+    (grads,) = torch.autograd.grad(outputs=real_logits.sum(), inputs=real_images, create_graph=True)
+    return grads.square().flatten(1).sum(1).mean()  # (N, C*H*W) -> (N,) -> scalar
+
+
+def path_length_penalty(
+    fake_images: Tensor,
+    ws: Tensor,
+    mean_path_length: Tensor,
+    *,
+    decay: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """StyleGAN2 path length regularization (Karras et al. 2020, sec. 3.2, eq. 4).
+
+    Returns (penalty, new running mean a', lengths); the caller stores a' and multiplies the
+    penalty by the path-length weight (2 in StyleGAN2) and the lazy interval.
+
+    E_{w,y}(||J_w^T y||_2 - a)^2 with y ~ N(0, I) / sqrt(H*W), so that the expected length does
+    not grow with the resolution. `fake_images` (N, C, H, W) must be G's output for `ws`
+    (N, num_ws, w_dim), which requires grad. As in the NVlabs implementations, a sample's length
+    is sqrt(mean over the num_ws layers of sum over w_dim of (J^T y)^2), and the penalty is taken
+    against the updated mean a' = a + decay * (mean(lengths) - a), through which gradient flows
+    (with factor decay); the returned a' and lengths are detached.
+    """
+    if fake_images.ndim != 4 or ws.ndim != 3 or ws.shape[0] != fake_images.shape[0]:
+        raise ValueError(
+            f"path_length_penalty expects fake_images (N, C, H, W) and ws (N, num_ws, w_dim); "
+            f"got {tuple(fake_images.shape)} and {tuple(ws.shape)}"
+        )
+    if not ws.requires_grad:
+        raise ValueError("path_length_penalty needs ws.requires_grad, and fake_images computed from ws")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay={decay} must lie in [0, 1]")
+    height, width = fake_images.shape[2], fake_images.shape[3]
+    noise = torch.randn_like(fake_images, generator=generator) / math.sqrt(height * width)  # y
+    # grad of <G(w), y> w.r.t. w is J_w^T y, one (num_ws, w_dim) block per sample.
+    (jty,) = torch.autograd.grad(outputs=(fake_images * noise).sum(), inputs=ws, create_graph=True)
+    lengths = jty.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
+    a = mean_path_length.detach()
+    new_mean = a + decay * (lengths.mean() - a)  # a' = a + decay (E[len] - a)
+    penalty = (lengths - new_mean).square().mean()
+    return penalty, new_mean.detach(), lengths.detach()

@@ -21,14 +21,21 @@ def _torchrun(args: list[str], tmp_path, extra_env: dict | None = None) -> subpr
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_two_ranks_keep_identical_weights_and_see_different_data(tmp_path, shard_cache):
-    overrides = TINY + ["train.kimg=0.32", "~logger", "run.name=ddp", f"paths.output_dir={tmp_path}",
-                        f"paths.cache_dir={shard_cache}", "model.ema.start_step=1", "train.sample_every_kimg=1",
+SG2_TINY = ["model=stylegan2", "model.generator.channel_max=16", "model.discriminator.channel_max=16",
+            "data.batch_size=16", "data.num_workers=0", "model.objective.r1_interval=2",
+            "model.objective.pl_interval=2"]
+
+
+@pytest.mark.parametrize("model", ["biggan", "stylegan2"])
+def test_two_ranks_keep_identical_weights_and_see_different_data(tmp_path, shard_cache, model):
+    overrides = (TINY + ["model.ema.start_step=1"] if model == "biggan" else SG2_TINY) + ["train.kimg=0.32", "~logger", "run.name=ddp", f"paths.output_dir={tmp_path}",
+                        f"paths.cache_dir={shard_cache}", "train.sample_every_kimg=1",
                         "train.ckpt_every_kimg=1"]
     proc = _torchrun(["tests/distributed/ddp_worker.py", str(tmp_path), *overrides], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # 0.32 kimg at 16 per rank x 2 ranks = 10 D steps; both ranks count the global images.
+    # StyleGAN2 adds R1 (double backward) and path length with a cross-rank running mean.
     assert r0["images_seen"] == r1["images_seen"] == 320
     for net in ("G", "D", "G_ema"):
         assert r0[net].keys() == r1[net].keys()

@@ -1,0 +1,87 @@
+"""StyleGAN2 residual discriminator with minibatch stddev and projection conditioning (Karras et al. 2020)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.layers.equalized import EqualizedConv2d, EqualizedLinear
+from pipeline.models.stylegan2.mapping import normalize_2nd_moment
+from pipeline.models.stylegan2.synthesis import channels_at
+
+
+def minibatch_stddev(x: Tensor, group_size: int, num_channels: int = 1) -> Tensor:
+    """Append the stddev of features over groups of samples (ProGAN sec. 3): D can see a lack of variety.
+
+    x: (N, C, H, W) -> (N, C + num_channels, H, W). The group is the largest divisor of N <= group_size.
+    """
+    n, c, h, w = x.shape
+    g = max(d for d in range(1, min(group_size, n) + 1) if n % d == 0)
+    y = x.reshape(g, -1, num_channels, c // num_channels, h, w)  # (G, N/G, F, C/F, H, W)
+    y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # stddev over the group
+    y = y.mean(dim=(2, 3, 4)).reshape(-1, num_channels, 1, 1).repeat(g, 1, h, w)  # (N, F, H, W)
+    return torch.cat([x, y], dim=1)
+
+
+class DBlock(nn.Module):
+    """conv 3x3 -> conv 3x3 with FIR downsampling, plus a 1x1 downsampling skip; sum scaled by sqrt(1/2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, resample_filter: list[float],
+                 conv_clamp: float | None) -> None:
+        super().__init__()
+        self.conv0 = EqualizedConv2d(in_channels, in_channels, 3, activation="lrelu", conv_clamp=conv_clamp)
+        self.conv1 = EqualizedConv2d(in_channels, out_channels, 3, activation="lrelu", down=2,
+                                     resample_filter=resample_filter, conv_clamp=conv_clamp)
+        self.skip = EqualizedConv2d(in_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gain = math.sqrt(0.5)  # keeps the variance of the residual sum equal to its parts'
+        return self.skip(x, gain=gain) + self.conv1(self.conv0(x), gain=gain)
+
+
+class Discriminator(nn.Module):
+    """D(x, y) -> logits (N,). Conditioning: <features, cmap(y)> / sqrt(cmap_dim) (projection, ADA style)."""
+
+    def __init__(self, *, resolution: int, channels: int, num_classes: int, channel_base: int = 32768,
+                 channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
+                 cmap_dim: int | None = None, cmap_layers: int = 2, resample_filter: list[float] = (1, 3, 3, 1),
+                 conv_clamp: float | None = None) -> None:
+        super().__init__()
+        log2 = math.log2(resolution)
+        if resolution < 8 or log2 != int(log2):
+            raise ValueError(f"resolution {resolution} is not supported by StyleGAN2: use a power of 2 >= 8")
+        self.resolution, self.num_classes, self.mbstd_group_size = resolution, num_classes, mbstd_group_size
+        self.mbstd_channels = mbstd_channels
+        ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
+        self.from_rgb = EqualizedConv2d(channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp)
+        self.blocks = nn.ModuleList(
+            DBlock(ch(r), ch(r // 2), resample_filter=list(resample_filter), conv_clamp=conv_clamp)
+            for r in (2**i for i in range(int(log2), 2, -1))
+        )
+        c4 = ch(4)
+        self.conv = EqualizedConv2d(c4 + mbstd_channels, c4, 3, activation="lrelu", conv_clamp=conv_clamp)
+        self.fc = EqualizedLinear(c4 * 16, c4, activation="lrelu")
+        self.cmap_dim = (cmap_dim or c4) if num_classes > 0 else 0
+        self.out = EqualizedLinear(c4, self.cmap_dim or 1)
+        if num_classes > 0:  # a small embedding network maps the class to the projection vector
+            dims = [self.cmap_dim] * (cmap_layers + 1)
+            self.embed = EqualizedLinear(num_classes, self.cmap_dim)
+            self.cmap = nn.ModuleList(EqualizedLinear(a, b, activation="lrelu") for a, b in zip(dims, dims[1:]))
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        h = self.from_rgb(x)  # (N, C_R, R, R)
+        for block in self.blocks:
+            h = block(h)  # halves the resolution down to 4x4
+        h = minibatch_stddev(h, self.mbstd_group_size, self.mbstd_channels)
+        h = self.fc(self.conv(h).flatten(1))  # (N, C_4)
+        out = self.out(h)  # (N, cmap_dim) or (N, 1)
+        if self.num_classes == 0:
+            return out.squeeze(1)
+        if y is None:
+            raise ValueError(f"this Discriminator is class-conditional (num_classes={self.num_classes}); pass y")
+        c = normalize_2nd_moment(self.embed(F.one_hot(y, self.num_classes).to(x.dtype)))
+        for layer in self.cmap:
+            c = layer(c)
+        return (out * c).sum(dim=1) / math.sqrt(self.cmap_dim)
