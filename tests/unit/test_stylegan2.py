@@ -88,3 +88,18 @@ def test_lazy_regularization_adjusts_adam_and_pl_needs_a_mapping():
     with pytest.raises(ValueError, match="pl_weight"):
         GAN(G=BigGANG(resolution=16, channels=1, num_classes=3, ch=8, attn_resolutions=[], z_dim=12), D=D,
             g_opt=adam, d_opt=adam, objective=obj, ema=EMASchedule(), kimg=1.0)
+
+
+def test_noise_modes():
+    G = _G().eval()
+    for block in G.synthesis.blocks:  # give the learned noise strengths a visible value
+        for layer in block.convs:
+            layer.conv.noise.strength.data.fill_(0.5)
+    ws = G.mapping(torch.randn(2, 16), torch.tensor([0, 1]))
+    s = G.synthesis
+    assert torch.equal(s(ws, noise_mode="const"), s(ws, noise_mode="const"))  # fixed per-layer noise
+    assert torch.equal(s(ws, noise_mode="none"), s(ws, noise_mode="none"))
+    assert not torch.equal(s(ws, noise_mode="random"), s(ws, noise_mode="random"))
+    assert not torch.equal(s(ws, noise_mode="const"), s(ws, noise_mode="none"))
+    with pytest.raises(ValueError, match="noise_mode"):
+        s(ws, noise_mode="loud")
