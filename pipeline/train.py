@@ -84,9 +84,12 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     D = build(cfg, "model.discriminator")
     counts = datamodule.manifest.get("class_counts") or {}
     class_probs = [counts[str(i)] for i in range(cfg.data.num_classes)] if cfg.data.num_classes > 0 else None
-    gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
-              objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
-              class_probs=class_probs, config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
+                  objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
+                  class_probs=class_probs, config=OmegaConf.to_container(cfg, resolve=True))
+    except ValueError as e:  # model/objective combinations that cannot work; the message names the key
+        raise ConfigError(f"model: {e}") from e
 
     ckpt_path = find_checkpoint(cfg.resume, run_dir)
     id_file = run_dir / "wandb_run_id.txt"  # a resumed run continues the same W&B run

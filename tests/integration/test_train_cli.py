@@ -125,7 +125,8 @@ def test_console_scripts_find_their_configs():
     (["data.resolution=48"], "resolution"),
     (["model.generator.nonexistent=1"], "nonexistent"),
     (["train.kimg=-3"], "train.kimg"),
-    (["data.num_classes=5"], "data.num_classes=10"),  # disagrees with the shard manifest: says what to set
+    (["data.num_classes=5"], "data.num_classes=10"),
+    (["model.objective.pl_weight=2"], "pl_weight"),  # path length needs StyleGAN2's mapping  # disagrees with the shard manifest: says what to set
 ])
 def test_bad_override_exits_nonzero_naming_the_key(override, key, tmp_path, shard_cache):
     proc = _gan_train(override + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}", "~logger"])
