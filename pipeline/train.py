@@ -82,8 +82,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         raise ConfigError(str(e)) from e
     G = build(cfg, "model.generator")
     D = build(cfg, "model.discriminator")
-    counts = datamodule.manifest.get("class_counts") or {}
-    class_probs = [counts[str(i)] for i in range(cfg.data.num_classes)] if cfg.data.num_classes > 0 else None
+    class_probs = datamodule.label_frequencies().tolist() or None  # fake labels follow the data's classes
     try:
         gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
                   objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,

@@ -39,11 +39,11 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
 
 
 def sync_buffers(module: nn.Module) -> None:
-    """Average running statistics (BatchNorm, StyleGAN2's w_avg) across ranks; broadcast other buffers from rank 0.
+    """Average running statistics (BatchNorm, StyleGAN2's w_avg) across ranks.
 
-    Running statistics are exponential moving averages, which are linear, so averaging them every step
-    gives the running average of the per-rank statistics. Other buffers (spectral-norm vectors, counters)
-    are already equal on every rank; broadcasting guards against rounding drift.
+    They are exponential moving averages, which are linear, so averaging them every step gives the
+    running average of the per-rank statistics. Other buffers (spectral-norm vectors, constant noise)
+    depend only on the weights or on the start-up broadcast, so they are already equal on every rank.
     """
     n = world_size()
     if n == 1:
@@ -52,8 +52,6 @@ def sync_buffers(module: nn.Module) -> None:
         if name.endswith(("running_mean", "running_var", "w_avg")) and buf.is_floating_point():
             dist.all_reduce(buf)
             buf /= n
-        else:
-            dist.broadcast(buf, src=0)
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_noise_modes():
     G = _G().eval()
     for block in G.synthesis.blocks:  # give the learned noise strengths a visible value
         for layer in block.convs:
-            layer.conv.noise.strength.data.fill_(0.5)
+            layer.noise.strength.data.fill_(0.5)
     ws = G.mapping(torch.randn(2, 16), torch.tensor([0, 1]))
     s = G.synthesis
     assert torch.equal(s(ws, noise_mode="const"), s(ws, noise_mode="const"))  # fixed per-layer noise

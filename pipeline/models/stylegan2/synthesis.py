@@ -28,18 +28,12 @@ class NoiseInjection(nn.Module):
         return x + noise * self.strength.view(1, -1, 1, 1)
 
 
-class SynthesisLayer(nn.Module):
-    """Modulated conv -> noise -> bias + leaky ReLU (inside ModulatedConv2d's bias_act)."""
-
-    def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: int,
-                 resample_filter: list[float], conv_clamp: float | None) -> None:
-        super().__init__()
-        self.conv = ModulatedConv2d(in_channels, out_channels, 3, w_dim=w_dim, up=up, resample_filter=resample_filter,
-                                    activation="lrelu", conv_clamp=conv_clamp, noise=NoiseInjection(
-                                        channels=out_channels, resolution=resolution))
-
-    def forward(self, x: Tensor, w: Tensor, noise_mode: str) -> Tensor:
-        return self.conv(x, w, noise_mode=noise_mode)
+def synthesis_layer(in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: int,
+                    resample_filter: list[float], conv_clamp: float | None) -> ModulatedConv2d:
+    """3x3 modulated conv -> per-pixel noise -> bias + leaky ReLU (StyleGAN2 fig. 2d)."""
+    return ModulatedConv2d(in_channels, out_channels, 3, w_dim=w_dim, up=up, resample_filter=resample_filter,
+                           activation="lrelu", conv_clamp=conv_clamp,
+                           noise=NoiseInjection(channels=out_channels, resolution=resolution))
 
 
 class SynthesisBlock(nn.Module):
@@ -52,9 +46,9 @@ class SynthesisBlock(nn.Module):
         first = in_channels == 0  # the 4x4 block starts from a learned constant
         if first:
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
-        convs = [] if first else [SynthesisLayer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
+        convs = [] if first else [synthesis_layer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
                                                  resample_filter=resample_filter, conv_clamp=conv_clamp)]
-        convs.append(SynthesisLayer(out_channels, out_channels, w_dim=w_dim, resolution=resolution, up=1,
+        convs.append(synthesis_layer(out_channels, out_channels, w_dim=w_dim, resolution=resolution, up=1,
                                     resample_filter=resample_filter, conv_clamp=conv_clamp))
         self.convs = nn.ModuleList(convs)
         # toRGB: 1x1 modulated conv without demodulation (StyleGAN2 fig. 7)
@@ -68,7 +62,7 @@ class SynthesisBlock(nn.Module):
         if x is None:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
         for i, conv in enumerate(self.convs):
-            x = conv(x, ws[:, i], noise_mode)
+            x = conv(x, ws[:, i], noise_mode=noise_mode)
         rgb = self.to_rgb(x, ws[:, len(self.convs)])
         img = rgb if img is None else upsample2d(img, self.resample_filter) + rgb
         return x, img
