@@ -78,9 +78,12 @@ class GAN(L.LightningModule):
         obj = self.objective
 
         # D step: real vs. fake (two D passes: minibatch-stddev must not mix real and fake samples).
+        g_step_due = (self.d_step + 1) % obj.d_steps == 0
+        keep_graph = obj.reuse_fakes and g_step_due  # the G step will backpropagate through these fakes
         z, y_fake = self._latents(B)
-        with torch.no_grad():
-            x_fake = self.G(z, y_fake)
+        with torch.set_grad_enabled(keep_graph):
+            x_fake_g = self.G(z, y_fake)
+        x_fake = x_fake_g.detach()
         r1_due = obj.r1.due(self.d_step)
         x_real = x_real.detach().requires_grad_(r1_due)
         d_real, d_fake = self.D(x_real, y_real), self.D(x_fake, y_fake)
@@ -101,10 +104,14 @@ class GAN(L.LightningModule):
                        "D/fake": d_fake.detach().mean()}, on_step=True, prog_bar=False)
 
         # G step every `d_steps` D steps; D is frozen so no D gradients are computed (or synchronised).
-        if self.d_step % obj.d_steps == 0:
+        if g_step_due:
             self.D.requires_grad_(False)
-            z, y = self._latents(B)
-            loss_g = self.g_loss_fn(self.D(self.G(z, y), y))
+            if keep_graph:  # same G as in the D step, so the same images: no second G forward
+                x_g, y = x_fake_g, y_fake
+            else:
+                z, y = self._latents(B)
+                x_g = self.G(z, y)
+            loss_g = self.g_loss_fn(self.D(x_g, y))
             total_g = loss_g
             if obj.pl.due(self.g_step):  # lazy path length on a smaller batch (StyleGAN2 sec. 3.2, appendix B)
                 n = max(1, B // obj.pl_batch_shrink)

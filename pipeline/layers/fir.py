@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.layers.winograd import conv3x3
+
 
 def make_filter(taps: Sequence[float], *, separable: bool = False) -> Tensor:
     """Normalised FIR filter: 2-D outer product of `taps` (or 1-D if separable), summing to 1."""
@@ -120,6 +122,8 @@ def conv2d_resample(
         raise ValueError(f"use either up or down, got up={up}, down={down}")
     k = kh // 2  # the same-padding of the plain conv
     if up == 1 and down == 1:
+        if kh == 3:
+            return conv3x3(x, weight, groups=groups)  # Winograd on CPU for wide layers
         return F.conv2d(x, weight, padding=k, groups=groups)
     if f is None:
         raise ValueError("a resample filter (make_filter) is needed when up > 1 or down > 1")

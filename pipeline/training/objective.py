@@ -13,6 +13,10 @@ class Objective:
 
     loss: str = "hinge"  # key of pipeline.losses.adversarial.LOSSES
     d_steps: int = 1  # D steps per G step (BigGAN: 2 on ImageNet, 4 on CIFAR)
+    # The G step reuses the fakes of the D step just before it instead of drawing new latents. G has not
+    # changed in between, so they are exactly the images a fresh forward of those latents would give,
+    # and one G forward per G step is saved (the DCGAN recipe). Off = independent latents, as the papers.
+    reuse_fakes: bool = False
     g_ortho: float = 0.0  # orthogonal regularization weight on G (BigGAN paper: 1e-4)
     d_ortho: float = 0.0
     ortho_variant: str = "offdiag"  # "offdiag" (BigGAN eq. 3) or "full" ||W W^T - I||^2

@@ -103,3 +103,16 @@ def test_noise_modes():
     assert not torch.equal(s(ws, noise_mode="const"), s(ws, noise_mode="none"))
     with pytest.raises(ValueError, match="noise_mode"):
         s(ws, noise_mode="loud")
+
+
+def test_orig_discriminator_has_no_skips_and_bad_architecture_is_named():
+    kw = dict(resolution=16, channels=1, num_classes=3, channel_base=256, channel_max=16)
+    orig, resnet = Discriminator(architecture="orig", **kw), Discriminator(**kw)
+    assert all(b.skip is None for b in orig.blocks) and all(b.skip is not None for b in resnet.blocks)
+    # Same layers otherwise: the skips are exactly the parameter difference.
+    skips = sum(p.numel() for b in resnet.blocks for p in b.skip.parameters())
+    assert sum(p.numel() for p in resnet.parameters()) - sum(p.numel() for p in orig.parameters()) == skips
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0])
+    assert orig(x, y).shape == (4,)
+    with pytest.raises(ValueError, match="architecture='skip'.*resnet"):
+        Discriminator(architecture="skip", **kw)

@@ -1,4 +1,4 @@
-"""StyleGAN2 residual discriminator with minibatch stddev and projection conditioning (Karras et al. 2020)."""
+"""StyleGAN2 discriminator (residual or plain) with minibatch stddev and projection conditioning (Karras et al. 2020)."""
 from __future__ import annotations
 
 import math
@@ -25,18 +25,24 @@ def minibatch_stddev(x: Tensor, group_size: int, num_channels: int = 1) -> Tenso
     return torch.cat([x, y], dim=1)
 
 
+ARCHITECTURES = ("resnet", "orig")
+
+
 class DBlock(nn.Module):
-    """conv 3x3 -> conv 3x3 with FIR downsampling, plus a 1x1 downsampling skip; sum scaled by sqrt(1/2)."""
+    """conv 3x3 -> conv 3x3 with FIR downsampling; "resnet" adds a 1x1 downsampling skip, the sum scaled by sqrt(1/2)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, resample_filter: list[float],
-                 conv_clamp: float | None) -> None:
+                 conv_clamp: float | None, residual: bool = True) -> None:
         super().__init__()
         self.conv0 = EqualizedConv2d(in_channels, in_channels, 3, activation="lrelu", conv_clamp=conv_clamp)
         self.conv1 = EqualizedConv2d(in_channels, out_channels, 3, activation="lrelu", down=2,
                                      resample_filter=resample_filter, conv_clamp=conv_clamp)
-        self.skip = EqualizedConv2d(in_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+        self.skip = (EqualizedConv2d(in_channels, out_channels, 1, bias=False, down=2,
+                                     resample_filter=resample_filter) if residual else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.skip is None:
+            return self.conv1(self.conv0(x))
         gain = math.sqrt(0.5)  # keeps the variance of the residual sum equal to its parts'
         return self.skip(x, gain=gain) + self.conv1(self.conv0(x), gain=gain)
 
@@ -47,8 +53,11 @@ class Discriminator(nn.Module):
     def __init__(self, *, resolution: int, channels: int, num_classes: int, channel_base: int = 32768,
                  channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
                  cmap_dim: int | None = None, cmap_layers: int = 2, resample_filter: list[float] = (1, 3, 3, 1),
-                 conv_clamp: float | None = None) -> None:
+                 conv_clamp: float | None = None, architecture: str = "resnet") -> None:
         super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={architecture!r} must be one of {ARCHITECTURES} "
+                             "(resnet: StyleGAN2's residual D; orig: plain conv stack, StyleGAN2-ADA's CIFAR setting)")
         log2 = math.log2(resolution)
         if resolution < 8 or log2 != int(log2):
             raise ValueError(f"resolution {resolution} is not supported by StyleGAN2: use a power of 2 >= 8")
@@ -57,7 +66,8 @@ class Discriminator(nn.Module):
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.from_rgb = EqualizedConv2d(channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp)
         self.blocks = nn.ModuleList(
-            DBlock(ch(r), ch(r // 2), resample_filter=list(resample_filter), conv_clamp=conv_clamp)
+            DBlock(ch(r), ch(r // 2), resample_filter=list(resample_filter), conv_clamp=conv_clamp,
+                   residual=architecture == "resnet")
             for r in (2**i for i in range(int(log2), 2, -1))
         )
         c4 = ch(4)

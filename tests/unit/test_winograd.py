@@ -1,0 +1,80 @@
+"""Winograd F(4x4, 3x3) equals the direct conv, forward, backward and double backward (R1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.layers import winograd
+from pipeline.layers.winograd import conv3x3, use_winograd, winograd_conv3x3
+
+# float32 rounding: direct conv sums 9*C products with error ~sqrt(9C) ulp of the terms; Winograd's
+# transforms add entries up to 8 and 1/24, which costs about 2 more decimal digits. 1e-4 of the output's
+# scale is well above both and far below any real bug (a wrong tile or sign is an O(1) error).
+RTOL = 1e-4
+
+
+def _close(a, b):
+    scale = b.abs().max()
+    assert (a - b).abs().max() <= RTOL * scale, float((a - b).abs().max() / scale)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (3, 5, 12, 16), (1, 4, 9, 7), (2, 3, 1, 5)])
+def test_forward_equals_direct_conv(shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    w = torch.randn(6, shape[1], 3, 3)
+    _close(winograd_conv3x3(x, w), F.conv2d(x, w, padding=1))
+
+
+def test_float64_is_exact_to_double_rounding():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    assert torch.allclose(winograd_conv3x3(x, w), F.conv2d(x, w, padding=1), rtol=0, atol=1e-11)
+
+
+def test_gradients_equal_direct_conv():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 10, 8, requires_grad=True)
+    w = torch.randn(7, 6, 3, 3, requires_grad=True)
+    g = torch.randn(2, 7, 10, 8)
+    gx, gw = torch.autograd.grad(winograd_conv3x3(x, w), (x, w), g)
+    rx, rw = torch.autograd.grad(F.conv2d(x, w, padding=1), (x, w), g)
+    _close(gx, rx)
+    _close(gw, rw)
+
+
+def test_double_backward_for_r1_equals_direct_conv():
+    """R1 differentiates ||d D / d x||^2 with respect to the weights: needs the backward to be differentiable."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+
+    def r1_grad(conv):
+        out = F.leaky_relu(conv(x, w), 0.2).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), w)[0]
+
+    _close(r1_grad(winograd_conv3x3), r1_grad(lambda a, b: F.conv2d(a, b, padding=1)))
+
+
+def test_dispatch_takes_winograd_only_where_it_pays(monkeypatch):
+    wide, narrow = torch.zeros(256, 256, 3, 3), torch.zeros(64, 64, 3, 3)
+    assert use_winograd(torch.zeros(1, 256, 16, 16), wide)
+    assert not use_winograd(torch.zeros(1, 64, 16, 16), narrow)  # transforms cost more than they save
+    assert not use_winograd(torch.zeros(1, 256, 4, 4), wide)  # one overhanging tile per map
+    assert not use_winograd(torch.zeros(1, 256, 16, 16, dtype=torch.bfloat16), wide.bfloat16())  # precision
+    assert not use_winograd(torch.zeros(1, 256, 16, 16), torch.zeros(256, 1, 3, 3), groups=256)
+    monkeypatch.setenv("GAN_PIPELINE_CONV", "direct")
+    assert not use_winograd(torch.zeros(1, 256, 16, 16), wide)
+
+
+def test_conv3x3_wide_layer_matches_direct(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 8, 8, 8), torch.randn(8, 8, 3, 3)
+    assert use_winograd(x, w)
+    _close(conv3x3(x, w), F.conv2d(x, w, padding=1))
+
+
+def test_bad_weight_shape_names_the_shapes():
+    with pytest.raises(ValueError, match=r"weight must be \(K, 4, 3, 3\)"):
+        winograd_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(4, 3, 3, 3))
