@@ -23,6 +23,7 @@ from pipeline.config import ConfigError, build, check_targets
 from pipeline.distributed.env import launch_world
 from pipeline.gan_module import GAN
 from pipeline.training.callbacks import RunSummary, SampleGrid
+from pipeline.training.network_stats import NetworkStats
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
 # The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
@@ -115,6 +116,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
                        seed=settings.sample_seed),
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
+            NetworkStats(every_kimg=settings.log_every_kimg),
             *(callbacks or []),
         ],
     )

@@ -97,7 +97,8 @@ def test_offline_wandb_record_has_losses_rates_and_images(short_run):
     run_dir, _, _ = short_run
     records = _wandb_records(run_dir)
     keys = set().union(*records)
-    for key in ("loss/D", "loss/G", "D/real", "D/fake", "lr/G", "lr/D", "progress/kimg", "perf/images_per_s"):
+    for key in ("loss/D", "loss/G", "D/real", "D/fake", "lr/G", "lr/D", "progress/kimg", "perf/images_per_s",
+                "grad_norm/G", "grad_norm/D", "sn_sigma/G_max", "sn_sigma/D_max", "memory/peak_rss_mb"):
         assert key in keys, f"{key} missing from the W&B history: {sorted(keys)}"
     images = [r for r in records if "samples._type" in r]
     assert images and all(r["samples._type"] == "images/separated" and r["samples.format"] == "png" for r in images)
