@@ -78,3 +78,12 @@ def test_conv3x3_wide_layer_matches_direct(monkeypatch):
 def test_bad_weight_shape_names_the_shapes():
     with pytest.raises(ValueError, match=r"weight must be \(K, 4, 3, 3\)"):
         winograd_conv3x3(torch.zeros(1, 4, 8, 8), torch.zeros(4, 3, 3, 3))
+
+
+def test_hand_written_backward_passes_gradcheck_and_gradgradcheck():
+    """Finite differences in float64 check the written-out backward and its own derivative (R1's path)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(winograd_conv3x3, (x, w))
+    assert torch.autograd.gradgradcheck(winograd_conv3x3, (x, w))
