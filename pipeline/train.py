@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import ConfigError, build, check_targets
 from pipeline.distributed.env import launch_world
 from pipeline.gan_module import GAN
+from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
 from pipeline.training.network_stats import NetworkStats
 
@@ -101,6 +102,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     if logger:
         logger.log_hyperparams(gan.config)
 
+    metrics = build(cfg, "metrics") if cfg.get("metrics") else None  # metrics=none composes to an empty node
     total_batches = math.ceil(settings.kimg * 1000 / global_batch)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices if world == 1 else world // cfg.trainer.num_nodes,
@@ -115,6 +117,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
             SampleGrid(out_dir=run_dir / "samples", every_kimg=settings.sample_every_kimg,
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
                        seed=settings.sample_seed),
+            *([metrics] if metrics else []),  # before RunSummary: its final scores go into summary.json
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
             NetworkStats(every_kimg=settings.log_every_kimg),
             *(callbacks or []),
@@ -135,7 +138,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except ConfigError as e:
+    except (ConfigError, EvalError) as e:  # EvalError: the metrics' feature network or reference is unusable
         print(f"gan-train: config error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -15,6 +15,7 @@ CONF = ROOT / "conf"
 TINY = [
     "model.generator.ch=8", "model.discriminator.ch=8", "model.generator.shared_dim=16",
     "data.batch_size=16", "data.num_workers=0", "train.log_every_kimg=0.032",
+    "metrics=none",  # tests that want metrics during training turn them on with small settings
 ]
 
 

@@ -112,5 +112,9 @@ class RunSummary(L.Callback):
             "images_per_s": round(images / max(wall, 1e-9), 2),
             "final": metrics,
         }
+        # The last evaluation of the metrics callback (pipeline/metrics/callback.py), with its protocol.
+        records = [cb.history[-1] for cb in trainer.callbacks if getattr(cb, "history", None)]
+        if records:
+            summary["metrics"] = records[-1]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(summary, indent=2) + "\n")

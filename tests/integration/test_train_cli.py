@@ -46,7 +46,8 @@ def short_run(tmp_path_factory, shard_cache):
     out = tmp_path_factory.mktemp("runs")
     common = TINY + [f"paths.output_dir={out}", f"paths.cache_dir={shard_cache}", "run.name=short",
                      "train.sample_every_kimg=0.25", "train.ckpt_every_kimg=0.25", "logger.mode=offline",
-                     "model.ema.start_step=2"]
+                     "model.ema.start_step=2", "metrics=default", "metrics.every_kimg=0.25",
+                     "metrics.num_samples=200", "metrics.metrics=[fid,accuracy]"]
     first = _gan_train(common + ["train.kimg=0.5"])
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = out / "short"
@@ -68,6 +69,20 @@ def test_run_writes_samples_checkpoints_and_summary(short_run):
     assert img.size == (10 * 33 + 1, 10 * 33 + 1)
     ckpts = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any(n.startswith("kimg-") for n in ckpts)
+
+
+def test_metrics_during_training_reach_summary_and_keep_the_best_checkpoint(short_run):
+    run_dir, first, _ = short_run
+    record = first["metrics"]  # the evaluation at the end of the first session
+    assert record["kimg"] == pytest.approx(first["kimg"]) and {"fid", "accuracy"} <= set(record["metrics"])
+    assert record["protocol"]["num_samples"] == 200 and record["protocol"]["generator"] == "G_ema"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # at the start of the fresh run, every 0.25 kimg (batch 16: the first step past each multiple), and at
+    # the end of each session
+    assert [r["kimg"] for r in lines] == pytest.approx([0.0, 0.256, 0.512, 0.752, 0.8])
+    best = json.loads((run_dir / "checkpoints" / "best.eval.json").read_text())
+    assert best["value"] == pytest.approx(min(r["metrics"]["fid"] for r in lines))
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_checkpoint_is_plain_data_with_config_counters_and_rng(short_run):
@@ -98,7 +113,8 @@ def test_offline_wandb_record_has_losses_rates_and_images(short_run):
     records = _wandb_records(run_dir)
     keys = set().union(*records)
     for key in ("loss/D", "loss/G", "D/real", "D/fake", "lr/G", "lr/D", "progress/kimg", "perf/images_per_s",
-                "grad_norm/G", "grad_norm/D", "sn_sigma/G_max", "sn_sigma/D_max", "memory/peak_rss_mb"):
+                "grad_norm/G", "grad_norm/D", "sn_sigma/G_max", "sn_sigma/D_max", "memory/peak_rss_mb",
+                "metrics/fid", "metrics/accuracy"):
         assert key in keys, f"{key} missing from the W&B history: {sorted(keys)}"
     images = [r for r in records if "samples._type" in r]
     assert images and all(r["samples._type"] == "images/separated" and r["samples.format"] == "png" for r in images)
