@@ -22,8 +22,9 @@ def _gan_train(args: list[str], env_extra: dict | None = None) -> subprocess.Com
     return subprocess.run(TRAIN + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _wandb_records(run_dir: Path) -> list[dict]:
-    """The offline run's history records, read with wandb's own reader (`wandb leet inspect --json`).
+def _wandb_records(run_dir: Path, kind: str = "history") -> list[dict]:
+    """The offline run's records of one kind (history, run, config), read with wandb's own reader
+    (`wandb leet inspect --json`).
 
     Offline runs write no wandb-summary.json; the .wandb transaction log is the record.
     """
@@ -36,8 +37,8 @@ def _wandb_records(run_dir: Path) -> list[dict]:
                              text=True, timeout=120, check=True).stdout
         for line in out.splitlines():
             rec = json.loads(line)
-            if rec.get("type") == "history":
-                records.append(rec["history"]["item"])
+            if rec.get("type") == kind:
+                records.append(rec["history"]["item"] if kind == "history" else rec[kind])
     return records
 
 
@@ -124,6 +125,22 @@ def test_offline_wandb_record_has_losses_rates_and_images(short_run):
     assert all(r["lr/G"] == pytest.approx(lr_g) for r in records if "lr/G" in r)
     kimgs = [r["progress/kimg"] for r in records if "progress/kimg" in r]
     assert max(kimgs) >= 0.8
+
+
+def test_offline_wandb_run_has_name_group_tags_and_the_resolved_config(short_run):
+    run_dir, _, _ = short_run
+    runs = _wandb_records(run_dir, "run")
+    assert runs and {r["display_name"] for r in runs} == {"short"}  # run.name
+    assert {r["run_group"] for r in runs} == {"biggan-digits"}  # logger.group: ${model.name}-${data.name}
+    assert all(r["tags"] == ["biggan", "digits"] for r in runs)
+    config = {}
+    for r in _wandb_records(run_dir, "config"):
+        config.update(r["update"])
+    ckpt_config = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["config"]
+    # the full resolved config, interpolations filled in, as the checkpoint stores it
+    assert config["model"]["g_opt"]["lr"] == ckpt_config["model"]["g_opt"]["lr"]
+    assert config["model"]["generator"]["num_classes"] == 10 and config["data"]["batch_size"] == 16
+    assert config["metrics"]["every_kimg"] == 0.25
 
 
 def test_console_scripts_find_their_configs():
