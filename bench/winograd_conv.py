@@ -1,11 +1,12 @@
 """Direct vs Winograd F(4x4, 3x3) 3x3 convs on this machine: prints one JSON line.
 
-    python bench/winograd_conv.py [--batch 32] [--reps 5] [--shapes 128x32,256x32,512x32,...]
+    python bench/winograd_conv.py [--batch 32] [--reps 5] [--shapes 128x32,256x32,512x32,...] [--nchw]
 
 For every CxH (C channels in and out, HxH maps) it times forward and forward+backward (input and weight
 gradients) of F.conv2d and of `winograd_conv3x3`, taking the fastest of `--reps` runs (the least
 disturbed by other processes), and reports the speed-up; `pipeline.layers.winograd.MIN_CHANNELS` and
-`MIN_SIZE` come from these figures.
+`MIN_SIZE` come from these figures. Activations are NHWC (channels_last), as StyleGAN2 runs on CPU;
+`--nchw` measures the NCHW layout instead.
 """
 from __future__ import annotations
 
@@ -50,12 +51,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--shapes", default="128x32,128x16,256x32,256x16,256x8,512x32,512x16,512x8,512x4")
+    parser.add_argument("--nchw", action="store_true", help="NCHW activations instead of channels_last")
     args = parser.parse_args()
+    layout = torch.contiguous_format if args.nchw else torch.channels_last
     direct = lambda x, w: F.conv2d(x, w, padding=1)  # noqa: E731
     rows = []
     for shape in args.shapes.split(","):
         c, h = (int(v) for v in shape.split("x"))
-        x = torch.randn(args.batch, c, h, h, requires_grad=True)
+        x = torch.randn(args.batch, c, h, h).contiguous(memory_format=layout).requires_grad_()
         w = (torch.randn(c, c, 3, 3) / (9 * c) ** 0.5).requires_grad_()
         d_f, d_fb = measure(direct, x, w, args.reps)
         w_f, w_fb = measure(winograd_conv3x3, x, w, args.reps)
@@ -63,6 +66,7 @@ def main() -> None:
                      "winograd_fwd_ms": round(w_f * 1e3, 2), "direct_fwd_bwd_ms": round(d_fb * 1e3, 2),
                      "winograd_fwd_bwd_ms": round(w_fb * 1e3, 2), "speedup_fwd_bwd": round(d_fb / w_fb, 2)})
     print(json.dumps({"bench": "winograd_conv", "batch": args.batch, "reps": args.reps,
+                      "layout": "nchw" if args.nchw else "nhwc",
                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "layers": rows}))
 
 

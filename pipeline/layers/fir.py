@@ -30,17 +30,17 @@ def make_filter(taps: Sequence[float], *, separable: bool = False) -> Tensor:
     return f if separable else torch.outer(f, f)  # (k,) or (k, k)
 
 
-def _depthwise(x: Tensor, f: Tensor, gain: float) -> Tensor:
-    """Valid-mode FIR convolution of every channel with `f` (already padded input)."""
+def _depthwise(x: Tensor, f: Tensor, gain: float, pad: tuple[int, int] = (0, 0)) -> Tensor:
+    """FIR convolution of every channel with `f`, zero-padded by pad = (py, px) on both sides."""
     c = x.shape[1]
     # F.conv2d computes a correlation; flipping makes it a true convolution (same for symmetric taps).
     f = f.to(x.dtype).flip(list(range(f.ndim)))
     if f.ndim == 2:
         weight = (f * gain)[None, None].expand(c, 1, -1, -1)  # (C, 1, kh, kw)
-        return F.conv2d(x, weight, groups=c)
+        return F.conv2d(x, weight, groups=c, padding=pad)
     # Separable: one horizontal and one vertical 1-D pass; the gain goes into the first pass.
-    x = F.conv2d(x, (f * gain)[None, None, None, :].expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, f[None, None, :, None].expand(c, 1, -1, 1), groups=c)
+    x = F.conv2d(x, (f * gain)[None, None, None, :].expand(c, 1, 1, -1), groups=c, padding=(0, pad[1]))
+    return F.conv2d(x, f[None, None, :, None].expand(c, 1, -1, 1), groups=c, padding=(pad[0], 0))
 
 
 def upfirdn2d(
@@ -61,8 +61,11 @@ def upfirdn2d(
         x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
         x = x.reshape(n, c, h * up, w * up)
-    x = F.pad(x, padding)
-    x = _depthwise(x, f, gain)
+    px0, px1, py0, py1 = padding
+    if px0 == px1 >= 0 and py0 == py1 >= 0:  # symmetric: the conv pads, saving a copy of the whole tensor
+        x = _depthwise(x, f, gain, pad=(py0, px0))
+    else:
+        x = _depthwise(F.pad(x, padding), f, gain)
     if down > 1:
         x = x[:, :, ::down, ::down]
     return x

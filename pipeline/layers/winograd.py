@@ -33,10 +33,16 @@ _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 
 
 TILE, ALPHA = 4, 6  # output tile m and input tile m + r - 1
 
-# Where the direct conv stays: fewer channels than this on either side, or a map smaller than this.
-# Measured with bench/winograd_conv.py on 2 CPU cores (batch 32): 512 channels win 1.5-2x at 8x8 to 32x32.
+# Where Winograd runs: at least MIN_CHANNELS on both sides and maps of at least MIN_SIZE, and maps of at
+# most MAX_SIZE_NARROW unless there are WIDE channels. Measured with bench/winograd_conv.py on 2 CPU cores
+# (batch 32, NHWC), forward + backward against oneDNN's direct conv: 512 channels win 1.5x at 8x8 to
+# 32x32 and lose at 4x4 (0.9x); 256 channels win 1.4-1.9x at 8x8 and 16x16 but lose at 32x32 (0.92x),
+# where the 2.25x larger tile tensors no longer stay in cache; 128 channels and fewer lose (0.8x) or
+# tie (1.1x at 16x16).
 MIN_CHANNELS = 256
 MIN_SIZE = 8
+MAX_SIZE_NARROW = 16
+WIDE = 512
 
 
 def _kron(a: list[list[float]], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -49,58 +55,70 @@ def _tile_grid(h: int, w: int) -> tuple[int, int]:
     return -(-h // TILE), -(-w // TILE)  # tiles per column and row; the last ones may overhang
 
 
+def _is_nhwc(x: Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+# Layout: every transformed tensor is (36, tiles, channels), channels innermost. Gathering the tiles from
+# NHWC memory then copies whole channel vectors, and each transform is one plain row-major GEMM with the
+# small 36x36 (or 16x36) matrix on the left. (A channel-major layout needs a transposed operand, which
+# ran 15-20% slower on these CPUs.)
 def _input_transform(x: Tensor) -> Tensor:
-    """B^T d B of every 6x6 input tile: x (N, C, H, W) -> (36, C, tiles)."""
+    """B^T d B of every 6x6 input tile: x (N, C, H, W), NCHW or NHWC memory -> (36, tiles, C)."""
     n, c, h, w = x.shape
     th, tw = _tile_grid(h, w)
-    kb = _kron(_BT, x.dtype, x.device)  # (36, 36)
-    # Pad 1 (the same-padding) before, and after up to the overhanging last tile's extent.
-    xp = F.pad(x, (1, TILE * tw + 1 - w, 1, TILE * th + 1 - h))
-    # 6x6 input tiles at stride 4 (neighbours overlap by 2), channel-major: (C * tiles, 36).
-    d = xp.unfold(2, ALPHA, TILE).unfold(3, ALPHA, TILE)  # (N, C, th, tw, 6, 6), a view
-    d = d.transpose(0, 1).reshape(c * n * th * tw, ALPHA * ALPHA)
-    return (kb @ d.t()).view(ALPHA * ALPHA, c, n * th * tw)  # one GEMM, already in the layout bmm wants
+    # Pad 1 (the same-padding) before, and after up to the overhanging last tile's extent: (N, Hp, Wp, C).
+    xh = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, TILE * tw + 1 - w, 1, TILE * th + 1 - h))
+    # 6x6 tiles at stride 4 (neighbours overlap by 2): (N, th, tw, C, 6, 6), a view; then one copy to
+    # (36, tiles * C) with the tile's pixel index outermost.
+    d = xh.unfold(1, ALPHA, TILE).unfold(2, ALPHA, TILE)
+    d = d.permute(4, 5, 0, 1, 2, 3).reshape(ALPHA * ALPHA, n * th * tw * c)
+    return (_kron(_BT, x.dtype, x.device) @ d).view(ALPHA * ALPHA, n * th * tw, c)
 
 
 def _weight_transform(weight: Tensor) -> Tensor:
-    """G g G^T of every 3x3 kernel: (K, C, 3, 3) -> (36, K, C)."""
+    """G g G^T of every 3x3 kernel: (K, C, 3, 3) -> (36, C, K)."""
     k, c = weight.shape[:2]
-    return (_kron(_G, weight.dtype, weight.device) @ weight.reshape(k * c, 9).t()).view(ALPHA * ALPHA, k, c)
+    u = _kron(_G, weight.dtype, weight.device) @ weight.reshape(k * c, 9).t()  # (36, K * C)
+    return u.view(ALPHA * ALPHA, k, c).transpose(1, 2)
 
 
-def _output_transform(m: Tensor, n: int, h: int, w: int) -> Tensor:
-    """A^T m A of every tile: (36, K, tiles) -> (N, K, H, W)."""
-    k = m.shape[1]
+def _output_transform(m: Tensor, n: int, h: int, w: int, channels_last: bool = False) -> Tensor:
+    """A^T m A of every tile: (36, tiles, K) -> (N, K, H, W), in NCHW or (channels_last) NHWC memory."""
+    k = m.shape[2]
     th, tw = _tile_grid(h, w)
-    y = m.view(ALPHA * ALPHA, -1).t() @ _kron(_AT, m.dtype, m.device).t()  # (K * tiles, 16)
-    y = y.view(k, n, th, tw, TILE, TILE).permute(1, 0, 2, 4, 3, 5).reshape(n, k, th * TILE, tw * TILE)
+    y = (_kron(_AT, m.dtype, m.device) @ m.reshape(ALPHA * ALPHA, -1)).view(TILE, TILE, n, th, tw, k)
+    if channels_last:  # the one copy that assembles the tiles writes NHWC directly
+        y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, th * TILE, tw * TILE, k).permute(0, 3, 1, 2)
+    else:
+        y = y.permute(2, 5, 3, 0, 4, 1).reshape(n, k, th * TILE, tw * TILE)
     return y if (th * TILE, tw * TILE) == (h, w) else y[:, :, :h, :w]
 
 
 def _output_transform_adjoint(dy: Tensor) -> Tensor:
-    """The transpose of `_output_transform`: dy (N, K, H, W) -> (36, K, tiles)."""
+    """The transpose of `_output_transform`: dy (N, K, H, W) -> (36, tiles, K)."""
     n, k, h, w = dy.shape
     th, tw = _tile_grid(h, w)
-    dy = F.pad(dy, (0, TILE * tw - w, 0, TILE * th - h))  # the adjoint of the crop
-    # (1, 0, 2, 4, 3, 5) is its own inverse: back to (K, N, th, tw, 4, 4)
-    dy = dy.view(n, k, th, TILE, tw, TILE).permute(1, 0, 2, 4, 3, 5).reshape(-1, TILE * TILE)
-    return (_kron(_AT, dy.dtype, dy.device).t() @ dy.t()).view(ALPHA * ALPHA, k, -1)
+    dy = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, TILE * tw - w, 0, TILE * th - h))  # the adjoint of the crop
+    dy = dy.reshape(n, th, TILE, tw, TILE, k).permute(2, 4, 0, 1, 3, 5).reshape(TILE * TILE, -1)
+    return (_kron(_AT, dy.dtype, dy.device).t() @ dy).view(ALPHA * ALPHA, n * th * tw, k)
 
 
 class _WinogradConv3x3(torch.autograd.Function):
     """Forward by Winograd; backward written out, so that no overlapping-tile scatter (unfold's backward,
     the slowest part under plain autograd) is needed:
       dx = the same conv of dy with the flipped, transposed kernel (itself by Winograd),
-      dw = the adjoint of the weight transform of dU = dM V^T, with V the input tiles kept from the forward.
+      dw = the adjoint of the weight transform of dU = V^T dM, with V the input tiles kept from the forward.
     Under create_graph (R1), V is recomputed from x with grad enabled, so the double backward is exact.
+    The output keeps the input's memory layout (NCHW or NHWC).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
-        v = _input_transform(x)  # (36, C, tiles)
-        y = _output_transform(torch.bmm(_weight_transform(weight), v), x.shape[0], *x.shape[2:])
+        v = _input_transform(x)  # (36, tiles, C)
+        m = torch.bmm(v, _weight_transform(weight))  # channel mixing, one GEMM per tile position: (36, tiles, K)
         ctx.save_for_backward(x, weight, v)
-        return y
+        return _output_transform(m, x.shape[0], *x.shape[2:], channels_last=_is_nhwc(x))
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
@@ -111,10 +129,10 @@ class _WinogradConv3x3(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if torch.is_grad_enabled():  # create_graph: dw must stay a function of x
                 v = _input_transform(x)
-            du = torch.bmm(_output_transform_adjoint(dy), v.transpose(1, 2))  # (36, K, C)
+            du = torch.bmm(v.transpose(1, 2), _output_transform_adjoint(dy))  # (36, C, K)
             k, c = weight.shape[:2]
             kg = _kron(_G, du.dtype, du.device)  # (36, 9)
-            dw = (kg.t() @ du.reshape(ALPHA * ALPHA, k * c)).t().reshape(k, c, 3, 3)
+            dw = (kg.t() @ du.transpose(1, 2).reshape(ALPHA * ALPHA, k * c)).t().reshape(k, c, 3, 3)
         return dx, dw
 
 
@@ -130,8 +148,9 @@ def use_winograd(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
     """Whether `conv3x3` takes the Winograd path: CPU float32, 3x3, ungrouped, wide enough and large enough."""
     if os.environ.get("GAN_PIPELINE_CONV", "auto") == "direct":
         return False
+    channels, size = min(weight.shape[0], weight.shape[1]), min(x.shape[-2:])
     return (x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1 and weight.shape[-2:] == (3, 3)
-            and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and min(x.shape[-2:]) >= MIN_SIZE)
+            and channels >= MIN_CHANNELS and size >= MIN_SIZE and (size <= MAX_SIZE_NARROW or channels >= WIDE))
 
 
 def conv3x3(x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:

@@ -165,6 +165,33 @@ def test_bias_act_bias_and_clamp():
         EqualizedLinear(2, 2, activation="relu")
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_act_in_place_lrelu_keeps_first_and_second_derivatives(with_bias):
+    # The fused path (gain folded into the bias add, lrelu in place) must differentiate like the textbook
+    # act(x + b) * g, including the double backward that R1 takes through every D layer.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (x, b) if with_bias else (x,)
+
+    def fused(*args):
+        return bias_act(args[0], args[1] if with_bias else None, activation="lrelu", gain=1.7)
+
+    def textbook(*args):
+        z = args[0] + args[1][None, :, None] if with_bias else args[0]
+        return F.leaky_relu(z, 0.2) * 1.7
+
+    torch.testing.assert_close(fused(*inputs), textbook(*inputs), atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(fused, inputs)
+    # The caller's tensor is never written in place, with or without a bias.
+    before = x.detach().clone()
+    bias_act(x.detach(), None, activation="lrelu", gain=1.0)
+    assert x.detach().equal(before)
+    with pytest.raises(ValueError, match="gain must be positive"):
+        bias_act(x, b, activation="lrelu", gain=-1.0)
+
+
 def test_equalized_conv2d_resampling_and_gain():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 16, 16)

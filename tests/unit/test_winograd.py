@@ -61,6 +61,9 @@ def test_dispatch_takes_winograd_only_where_it_pays(monkeypatch):
     assert use_winograd(torch.zeros(1, 256, 16, 16), wide)
     assert not use_winograd(torch.zeros(1, 64, 16, 16), narrow)  # transforms cost more than they save
     assert not use_winograd(torch.zeros(1, 256, 4, 4), wide)  # one overhanging tile per map
+    assert not use_winograd(torch.zeros(1, 256, 32, 32), wide)  # 256 channels lose at 32x32 (tiles leave cache)
+    widest = torch.zeros(512, 512, 3, 3)
+    assert use_winograd(torch.zeros(1, 512, 32, 32), widest) and use_winograd(torch.zeros(1, 512, 8, 8), widest)
     assert not use_winograd(torch.zeros(1, 256, 16, 16, dtype=torch.bfloat16), wide.bfloat16())  # precision
     assert not use_winograd(torch.zeros(1, 256, 16, 16), torch.zeros(256, 1, 3, 3), groups=256)
     monkeypatch.setenv("GAN_PIPELINE_CONV", "direct")
@@ -87,3 +90,18 @@ def test_hand_written_backward_passes_gradcheck_and_gradgradcheck():
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(winograd_conv3x3, (x, w))
     assert torch.autograd.gradgradcheck(winograd_conv3x3, (x, w))
+
+
+def test_channels_last_input_gives_channels_last_output_with_the_same_values():
+    """StyleGAN2 runs NHWC on CPU (channels_last): the Winograd path must keep that layout, not flip it back."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w = torch.randn(6, 8, 3, 3, requires_grad=True)
+    y = winograd_conv3x3(x, w)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    ref = F.conv2d(x.detach().contiguous(), w.detach(), padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    rx, rw = torch.autograd.grad(F.conv2d(x, w, padding=1).square().sum(), (x, w))
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)

@@ -53,7 +53,7 @@ class Discriminator(nn.Module):
     def __init__(self, *, resolution: int, channels: int, num_classes: int, channel_base: int = 32768,
                  channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
                  cmap_dim: int | None = None, cmap_layers: int = 2, resample_filter: list[float] = (1, 3, 3, 1),
-                 conv_clamp: float | None = None, architecture: str = "resnet") -> None:
+                 conv_clamp: float | None = None, architecture: str = "resnet", channels_last: bool = False) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} must be one of {ARCHITECTURES} "
@@ -63,6 +63,8 @@ class Discriminator(nn.Module):
             raise ValueError(f"resolution {resolution} is not supported by StyleGAN2: use a power of 2 >= 8")
         self.resolution, self.num_classes, self.mbstd_group_size = resolution, num_classes, mbstd_group_size
         self.mbstd_channels = mbstd_channels
+        # Activation layout after fromRGB (an RGB or gray input is too thin for the layout to carry over).
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.from_rgb = EqualizedConv2d(channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp)
         self.blocks = nn.ModuleList(
@@ -81,7 +83,7 @@ class Discriminator(nn.Module):
             self.cmap = nn.ModuleList(EqualizedLinear(a, b, activation="lrelu") for a, b in zip(dims, dims[1:]))
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        h = self.from_rgb(x)  # (N, C_R, R, R)
+        h = self.from_rgb(x).contiguous(memory_format=self.memory_format)  # (N, C_R, R, R)
         for block in self.blocks:
             h = block(h)  # halves the resolution down to 4x4
         h = minibatch_stddev(h, self.mbstd_group_size, self.mbstd_channels)

@@ -25,7 +25,7 @@ class NoiseInjection(nn.Module):
             return x
         n, _, h, w = x.shape
         noise = self.const_noise if mode == "const" else torch.randn(n, 1, h, w, device=x.device, dtype=x.dtype)
-        return x + noise * self.strength.view(1, -1, 1, 1)
+        return torch.addcmul(x, noise, self.strength.view(1, -1, 1, 1))  # one pass, no (N, C, H, W) temporary
 
 
 def synthesis_layer(in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: int,
@@ -40,9 +40,11 @@ class SynthesisBlock(nn.Module):
     """One resolution: [up-conv] conv, then toRGB added to the upsampled image of the previous block."""
 
     def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, img_channels: int,
-                 resample_filter: list[float], conv_clamp: float | None) -> None:
+                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False) -> None:
         super().__init__()
         self.resolution = resolution
+        # The layout of the activations that start from the constant; every later layer keeps it.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         first = in_channels == 0  # the 4x4 block starts from a learned constant
         if first:
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
@@ -60,7 +62,7 @@ class SynthesisBlock(nn.Module):
     def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: str) -> tuple[Tensor, Tensor]:
         """ws: (N, num_ws, w_dim) for this block's layers."""
         if x is None:
-            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1).contiguous(memory_format=self.memory_format)
         for i, conv in enumerate(self.convs):
             x = conv(x, ws[:, i], noise_mode=noise_mode)
         rgb = self.to_rgb(x, ws[:, len(self.convs)])
@@ -76,7 +78,7 @@ class SynthesisNetwork(nn.Module):
     """ws (N, num_ws, w_dim) -> images (N, img_channels, R, R), not squashed (StyleGAN2 outputs are ~[-1, 1])."""
 
     def __init__(self, *, resolution: int, img_channels: int, w_dim: int, channel_base: int, channel_max: int,
-                 resample_filter: list[float], conv_clamp: float | None) -> None:
+                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False) -> None:
         super().__init__()
         log2 = math.log2(resolution)
         if resolution < 8 or log2 != int(log2):
@@ -86,7 +88,8 @@ class SynthesisNetwork(nn.Module):
         for res in self.resolutions:
             out = channels_at(res, channel_base, channel_max)
             blocks.append(SynthesisBlock(prev, out, w_dim=w_dim, resolution=res, img_channels=img_channels,
-                                         resample_filter=resample_filter, conv_clamp=conv_clamp))
+                                         resample_filter=resample_filter, conv_clamp=conv_clamp,
+                                         channels_last=channels_last))
             prev = out
         self.blocks = nn.ModuleList(blocks)
         # Consecutive blocks overlap by one w (toRGB of block b and first conv of block b+1).
