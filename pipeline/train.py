@@ -24,6 +24,7 @@ from pipeline.distributed.env import launch_world
 from pipeline.gan_module import GAN
 from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
+from pipeline.training.host_memory import keep_freed_memory
 from pipeline.training.network_stats import NetworkStats
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -75,6 +76,8 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     L.seed_everything(cfg.seed + rank, workers=True, verbose=False)  # different latents on each rank
 
     settings = build(cfg, "train")
+    if settings.keep_host_memory:
+        keep_freed_memory()
     global_batch = cfg.data.batch_size * world
     batches_per_epoch = max(1, round(settings.ckpt_every_kimg * 1000 / global_batch))  # one "epoch" per checkpoint
     datamodule = build(cfg, "data", batches_per_epoch=batches_per_epoch)

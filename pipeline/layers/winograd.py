@@ -19,6 +19,7 @@ to 8 and 1/24).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +34,44 @@ _AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 
 
 TILE, ALPHA = 4, 6  # output tile m and input tile m + r - 1
 
-# Where Winograd runs: at least MIN_CHANNELS on both sides and maps of at least MIN_SIZE, and maps of at
-# most MAX_SIZE_NARROW unless there are WIDE channels. Measured with bench/winograd_conv.py on 2 CPU cores
-# (batch 32, NHWC), forward + backward against oneDNN's direct conv: 512 channels win 1.5x at 8x8 to
-# 32x32 and lose at 4x4 (0.9x); 256 channels win 1.4-1.9x at 8x8 and 16x16 but lose at 32x32 (0.92x),
-# where the 2.25x larger tile tensors no longer stay in cache; 128 channels and fewer lose (0.8x) or
-# tie (1.1x at 16x16).
-MIN_CHANNELS = 256
-MIN_SIZE = 8
-MAX_SIZE_NARROW = 16
-WIDE = 512
+@dataclass(frozen=True)
+class WinogradRule:
+    """Winograd pays for layers with at least `min_channels` on both sides and maps of at least `min_size`,
+    and maps of at most `max_size_narrow` unless there are `wide` channels."""
+
+    min_channels: int
+    min_size: int
+    max_size_narrow: int = 1 << 30
+    wide: int = 0
+
+    def pays(self, channels: int, size: int) -> bool:
+        return (channels >= self.min_channels and size >= self.min_size
+                and (size <= self.max_size_narrow or channels >= self.wide))
+
+
+# Measured with bench/winograd_conv.py (batch 32, NHWC, 2 CPU cores) against oneDNN's direct conv, per
+# vector ISA (torch.backends.cpu.get_cpu_capability()), because oneDNN's direct kernels differ a lot:
+# - AVX512 (Sapphire Rapids), forward + backward: 512 channels win 1.5x at 8x8 to 32x32 and lose at 4x4
+#   (0.9x); 256 channels win 1.4-1.9x at 8x8 and 16x16 but lose at 32x32 (0.92x), where the 2.25x larger
+#   tile tensors no longer stay in cache; 128 channels and fewer lose (0.8x) or tie (1.1x at 16x16).
+#   Measured before freed memory was kept (pipeline.training.host_memory), which favours Winograd's
+#   larger temporaries; forward only was not measured there. The same conservative rule serves both.
+# - AVX2 (AMD EPYC), freed memory kept: forward + backward wins from 128 channels and 8x8 up (128: 1.65x
+#   at 32x32, 1.48x at 16x16, 1.36x at 8x8; 256: 2.5x, 2.2x, 1.5x; 512: 3.3x, 2.5x, 2.5x), forward
+#   only 1.15-2.6x on the same layers; 64 channels tie (1.0-1.1x with backward, 0.76-0.84x without)
+#   and 4x4 maps lose or tie (0.9-1.1x).
+RULES: dict[str, dict[str, WinogradRule]] = {
+    "AVX512": {"train": WinogradRule(256, 8, 16, 512), "inference": WinogradRule(256, 8, 16, 512)},
+    "AVX2": {"train": WinogradRule(128, 8), "inference": WinogradRule(128, 8)},
+}
+DEFAULT_ISA = "AVX512"  # other ISAs: the most conservative table
+CONV_MODES = ("auto", "direct")
+
+
+def cpu_isa() -> str:
+    """The vector ISA whose rule applies here (the `RULES` key)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    return isa if isa in RULES else DEFAULT_ISA
 
 
 def _kron(a: list[list[float]], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -145,12 +174,19 @@ def winograd_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def use_winograd(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
-    """Whether `conv3x3` takes the Winograd path: CPU float32, 3x3, ungrouped, wide enough and large enough."""
-    if os.environ.get("GAN_PIPELINE_CONV", "auto") == "direct":
+    """Whether `conv3x3` takes the Winograd path: CPU float32, 3x3, ungrouped, and this ISA's rule says it
+    pays for this width and map size, with the backward (a gradient will flow) or forward only."""
+    mode = os.environ.get("GAN_PIPELINE_CONV", "auto")
+    if mode not in CONV_MODES:
+        raise ValueError(f"GAN_PIPELINE_CONV={mode!r} is not one of {', '.join(CONV_MODES)}: 'auto' uses "
+                         "Winograd where it pays on this CPU, 'direct' always calls F.conv2d")
+    if mode == "direct":
         return False
-    channels, size = min(weight.shape[0], weight.shape[1]), min(x.shape[-2:])
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1 and weight.shape[-2:] == (3, 3)
-            and channels >= MIN_CHANNELS and size >= MIN_SIZE and (size <= MAX_SIZE_NARROW or channels >= WIDE))
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1 and weight.shape[-2:] == (3, 3)):
+        return False
+    backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    rule = RULES[cpu_isa()]["train" if backward else "inference"]
+    return rule.pays(min(weight.shape[0], weight.shape[1]), min(x.shape[-2:]))
 
 
 def conv3x3(x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:

@@ -18,6 +18,7 @@ class TrainSettings:
     samples_per_class: int = 10  # columns of the sample grid; one row per class
     truncation: float | None = None  # None = plain N(0, I); else z resampled until |z| <= truncation (BigGAN)
     sample_seed: int = 123  # fixed latents for the sample grids
+    keep_host_memory: bool = True  # glibc: freed tensor memory stays in the process (no page faults per step)
 
     def __post_init__(self) -> None:
         for key in ("kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg", "truncation"):

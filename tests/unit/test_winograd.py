@@ -56,22 +56,54 @@ def test_double_backward_for_r1_equals_direct_conv():
     _close(r1_grad(winograd_conv3x3), r1_grad(lambda a, b: F.conv2d(a, b, padding=1)))
 
 
-def test_dispatch_takes_winograd_only_where_it_pays(monkeypatch):
-    wide, narrow = torch.zeros(256, 256, 3, 3), torch.zeros(64, 64, 3, 3)
-    assert use_winograd(torch.zeros(1, 256, 16, 16), wide)
-    assert not use_winograd(torch.zeros(1, 64, 16, 16), narrow)  # transforms cost more than they save
-    assert not use_winograd(torch.zeros(1, 256, 4, 4), wide)  # one overhanging tile per map
-    assert not use_winograd(torch.zeros(1, 256, 32, 32), wide)  # 256 channels lose at 32x32 (tiles leave cache)
-    widest = torch.zeros(512, 512, 3, 3)
-    assert use_winograd(torch.zeros(1, 512, 32, 32), widest) and use_winograd(torch.zeros(1, 512, 8, 8), widest)
-    assert not use_winograd(torch.zeros(1, 256, 16, 16, dtype=torch.bfloat16), wide.bfloat16())  # precision
-    assert not use_winograd(torch.zeros(1, 256, 16, 16), torch.zeros(256, 1, 3, 3), groups=256)
+def _grad(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype, requires_grad=True)
+
+
+def test_dispatch_on_avx512_takes_winograd_only_where_it_pays(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    wide, narrow = _grad(256, 256, 3, 3), _grad(64, 64, 3, 3)
+    assert use_winograd(_grad(1, 256, 16, 16), wide)
+    assert not use_winograd(_grad(1, 64, 16, 16), narrow)  # transforms cost more than they save
+    assert not use_winograd(_grad(1, 128, 16, 16), _grad(128, 128, 3, 3))
+    assert not use_winograd(_grad(1, 256, 4, 4), wide)  # one overhanging tile per map
+    assert not use_winograd(_grad(1, 256, 32, 32), wide)  # 256 channels lose at 32x32 (tiles leave cache)
+    widest = _grad(512, 512, 3, 3)
+    assert use_winograd(_grad(1, 512, 32, 32), widest) and use_winograd(_grad(1, 512, 8, 8), widest)
+    assert not use_winograd(_grad(1, 256, 16, 16, dtype=torch.bfloat16), wide.bfloat16())  # precision
+    assert not use_winograd(_grad(1, 256, 16, 16), _grad(256, 1, 3, 3), groups=256)
     monkeypatch.setenv("GAN_PIPELINE_CONV", "direct")
-    assert not use_winograd(torch.zeros(1, 256, 16, 16), wide)
+    assert not use_winograd(_grad(1, 256, 16, 16), wide)
+    monkeypatch.setenv("GAN_PIPELINE_CONV", "fast")
+    with pytest.raises(ValueError, match="GAN_PIPELINE_CONV='fast'.*auto, direct"):
+        use_winograd(_grad(1, 256, 16, 16), wide)
+
+
+def test_dispatch_on_avx2_takes_winograd_from_128_channels(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    w128 = torch.zeros(128, 128, 3, 3)
+    # With a backward (a gradient flows to the input or the weight) and forward only: 128 channels pay
+    # from 8x8 up, 64 channels and 4x4 maps do not.
+    assert use_winograd(_grad(1, 128, 32, 32), w128) and use_winograd(torch.zeros(1, 128, 8, 8), w128.requires_grad_())
+    assert not use_winograd(_grad(1, 64, 32, 32), _grad(64, 64, 3, 3))
+    assert not use_winograd(_grad(1, 128, 4, 4), w128)
+    with torch.no_grad():
+        assert use_winograd(_grad(1, 128, 32, 32), w128) and not use_winograd(_grad(1, 512, 4, 4), w128)
+    # A rule table may differ between training and inference: the mode follows grad mode and requires_grad.
+    monkeypatch.setitem(winograd.RULES, "AVX2", {"train": winograd.WinogradRule(128, 8),
+                                                 "inference": winograd.WinogradRule(1024, 8)})
+    assert use_winograd(_grad(1, 128, 16, 16), w128)
+    assert not use_winograd(torch.zeros(1, 128, 16, 16), torch.zeros(128, 128, 3, 3))  # nothing requires grad
+    with torch.no_grad():
+        assert not use_winograd(_grad(1, 128, 16, 16), w128)
+    # An ISA without a measured table falls back to the most conservative one.
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert winograd.cpu_isa() == "AVX512" and not use_winograd(_grad(1, 128, 16, 16), w128)
 
 
 def test_conv3x3_wide_layer_matches_direct(monkeypatch):
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
+    everywhere = winograd.WinogradRule(8, 8)
+    monkeypatch.setitem(winograd.RULES, winograd.cpu_isa(), {"train": everywhere, "inference": everywhere})
     torch.manual_seed(0)
     x, w = torch.randn(2, 8, 8, 8), torch.randn(8, 8, 3, 3)
     assert use_winograd(x, w)
