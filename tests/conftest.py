@@ -1,7 +1,10 @@
 """Shared test helpers: compose the real configs and shrink them."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,23 @@ def _no_wandb_leak(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def wandb_records(run_dir: Path, kind: str = "history") -> list[dict]:
+    """The offline run's records of one kind (history, run, config), read with wandb's own reader
+    (`wandb leet inspect --json`).
+
+    Offline runs write no wandb-summary.json; the .wandb transaction log is the record.
+    """
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert files, f"no offline W&B run under {run_dir}"
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    records = []
+    for f in files:
+        out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(f)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        for line in out.splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == kind:
+                records.append(rec["history"]["item"] if kind == "history" else rec[kind])
+    return records

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, wandb_records
 
 pytestmark = pytest.mark.distributed
 
@@ -52,3 +52,14 @@ def test_torchrun_without_run_name_is_a_config_error(tmp_path, shard_cache):
                       f"paths.cache_dir={shard_cache}"], tmp_path)
     assert proc.returncode != 0
     assert "run.name" in proc.stderr
+
+
+def test_only_rank_zero_logs_to_wandb(tmp_path, shard_cache):
+    proc = _torchrun(["-m", "pipeline.train", *TINY, "train.kimg=0.128", "logger.mode=offline", "run.name=logs",
+                      f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "logs"
+    # One W&B run for the whole job, written by rank 0 alone, with the training history in it.
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
+    history = wandb_records(run_dir)
+    assert history and "loss/D" in set().union(*history)

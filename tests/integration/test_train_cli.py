@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, wandb_records
 
 TRAIN = [sys.executable, "-m", "pipeline.train"]
 
@@ -20,26 +20,6 @@ def _gan_train(args: list[str], env_extra: dict | None = None) -> subprocess.Com
     env = {**os.environ, "WANDB_SILENT": "true", **(env_extra or {})}
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(TRAIN + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _wandb_records(run_dir: Path, kind: str = "history") -> list[dict]:
-    """The offline run's records of one kind (history, run, config), read with wandb's own reader
-    (`wandb leet inspect --json`).
-
-    Offline runs write no wandb-summary.json; the .wandb transaction log is the record.
-    """
-    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert files, f"no offline W&B run under {run_dir}"
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    records = []
-    for f in files:
-        out = subprocess.run([str(wandb_cli), "leet", "inspect", "--json", str(f)], capture_output=True,
-                             text=True, timeout=120, check=True).stdout
-        for line in out.splitlines():
-            rec = json.loads(line)
-            if rec.get("type") == kind:
-                records.append(rec["history"]["item"] if kind == "history" else rec[kind])
-    return records
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +91,7 @@ def test_resume_continues_counters_and_wandb_run(short_run):
 
 def test_offline_wandb_record_has_losses_rates_and_images(short_run):
     run_dir, _, _ = short_run
-    records = _wandb_records(run_dir)
+    records = wandb_records(run_dir)
     keys = set().union(*records)
     for key in ("loss/D", "loss/G", "D/real", "D/fake", "lr/G", "lr/D", "progress/kimg", "perf/images_per_s",
                 "grad_norm/G", "grad_norm/D", "sn_sigma/G_max", "sn_sigma/D_max", "memory/peak_rss_mb",
@@ -129,12 +109,12 @@ def test_offline_wandb_record_has_losses_rates_and_images(short_run):
 
 def test_offline_wandb_run_has_name_group_tags_and_the_resolved_config(short_run):
     run_dir, _, _ = short_run
-    runs = _wandb_records(run_dir, "run")
+    runs = wandb_records(run_dir, "run")
     assert runs and {r["display_name"] for r in runs} == {"short"}  # run.name
     assert {r["run_group"] for r in runs} == {"biggan-digits"}  # logger.group: ${model.name}-${data.name}
     assert all(r["tags"] == ["biggan", "digits"] for r in runs)
     config = {}
-    for r in _wandb_records(run_dir, "config"):
+    for r in wandb_records(run_dir, "config"):
         config.update(r["update"])
     ckpt_config = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["config"]
     # the full resolved config, interpolations filled in, as the checkpoint stores it

@@ -84,3 +84,24 @@ def test_no_truncation_is_plain_normal_and_bad_threshold_raises():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="truncation"):
         truncated_normal((3,), 0.0)
+
+
+# --- W&B mode ------------------------------------------------------------------------------------------
+
+
+def test_wandb_mode_auto_is_offline_without_an_api_key(monkeypatch, tmp_path):
+    from pipeline.training.tracking import resolve_mode
+
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` credentials either
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    assert resolve_mode("auto") == "online"
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # the user's environment wins over auto
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("disabled") == "disabled"
+    with pytest.raises(ValueError, match="mode='cloud' must be auto, online, offline or disabled"):
+        resolve_mode("cloud")
