@@ -5,8 +5,8 @@
 For every CxH (C channels in and out, HxH maps) it times forward and forward+backward (input and weight
 gradients) of F.conv2d and of `winograd_conv3x3`, taking the fastest of `--reps` runs (the least
 disturbed by other processes), and reports both speed-ups with the CPU's vector ISA; the dispatch rules
-in `pipeline.layers.winograd.RULES` (per ISA, with and without backward) come from these figures. Activations are NHWC (channels_last), as StyleGAN2 runs on CPU;
-`--nchw` measures the NCHW layout instead. Freed memory is kept in the process, as gan-train does
+in `pipeline.layers.winograd.RULES` (per ISA, with and without backward) come from these figures.
+Activations are NHWC (channels_last), as StyleGAN2 runs on CPU; `--nchw` measures NCHW instead. Freed memory is kept in the process, as gan-train does
 (`pipeline.training.host_memory`), so page faults do not count against the path that allocates more.
 """
 from __future__ import annotations

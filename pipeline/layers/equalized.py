@@ -38,9 +38,9 @@ def bias_act(
     # rides along with the bias in one pass (torch.add's alpha) and lrelu runs in place on that fresh
     # tensor: two memory passes instead of three on the largest activations of the network. Autograd
     # allows the in-place lrelu (its backward reads its own output) and R1's double backward through it.
-    fresh = b is not None or gain != 1.0
-    if gain <= 0:
-        raise ValueError(f"bias_act gain must be positive, got {gain}")
+    if activation == "lrelu" and gain <= 0:
+        raise ValueError(f"bias_act gain must be positive for lrelu, got {gain}")
+    fresh = b is not None or gain != 1.0  # x is then a new tensor that lrelu may overwrite
     if b is not None:
         x = torch.add(b * gain, x, alpha=gain) if gain != 1.0 else x + b
     elif gain != 1.0:

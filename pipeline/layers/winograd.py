@@ -146,7 +146,9 @@ class _WinogradConv3x3(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         v = _input_transform(x)  # (36, tiles, C)
         m = torch.bmm(v, _weight_transform(weight))  # channel mixing, one GEMM per tile position: (36, tiles, K)
-        ctx.save_for_backward(x, weight, v)
+        # The tiles are the largest tensor here (2.25x x): keep them only for a weight gradient (a frozen D
+        # in the G step needs none).
+        ctx.save_for_backward(x, weight, v if ctx.needs_input_grad[1] else None)
         return _output_transform(m, x.shape[0], *x.shape[2:], channels_last=_is_nhwc(x))
 
     @staticmethod

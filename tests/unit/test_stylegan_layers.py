@@ -190,6 +190,9 @@ def test_bias_act_in_place_lrelu_keeps_first_and_second_derivatives(with_bias):
     assert x.detach().equal(before)
     with pytest.raises(ValueError, match="gain must be positive"):
         bias_act(x, b, activation="lrelu", gain=-1.0)
+    # A linear bias_act is homogeneous for any gain: a negative one is allowed and exact.
+    torch.testing.assert_close(bias_act(x, b, activation="linear", gain=-2.0),
+                               -2.0 * (x + b[None, :, None] if with_bias else x))
 
 
 def test_equalized_conv2d_resampling_and_gain():

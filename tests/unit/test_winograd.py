@@ -137,3 +137,17 @@ def test_channels_last_input_gives_channels_last_output_with_the_same_values():
     rx, rw = torch.autograd.grad(F.conv2d(x, w, padding=1).square().sum(), (x, w))
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-3)
+
+
+def test_frozen_weight_keeps_no_tiles_and_input_gradient_still_matches():
+    # The G step backpropagates through a frozen D: only dx is wanted, so the input tiles (2.25x the input)
+    # are not kept; with a trainable weight they are.
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3)
+    y = winograd_conv3x3(x, w)
+    assert sum(t is not None for t in y.grad_fn.saved_tensors) == 2  # x and the weight, no tiles
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    (dx_ref,) = torch.autograd.grad(F.conv2d(x, w, padding=1).square().sum(), x)
+    _close(dx, dx_ref)
+    assert sum(t is not None for t in winograd_conv3x3(x, w.requires_grad_()).grad_fn.saved_tensors) == 3
