@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.layers import winograd_native
+
 # F(4x4, 3x3) on the points 0, +-1, +-2, inf (Lavin & Gray 2016, sec. 4.2): Y = A^T [(G g G^T) * (B^T d B)] A.
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
@@ -55,17 +57,19 @@ class WinogradRule:
 #   (0.9x); 256 channels win 1.4-1.9x at 8x8 and 16x16 but lose at 32x32 (0.92x), where the 2.25x larger
 #   tile tensors no longer stay in cache; 128 channels and fewer lose (0.8x) or tie (1.1x at 16x16).
 #   Measured before freed memory was kept (pipeline.training.host_memory), which favours Winograd's
-#   larger temporaries; forward only was not measured there. The same conservative rule serves both.
-# - AVX2 (AMD EPYC), freed memory kept: forward + backward wins from 128 channels and 8x8 up (128: 1.65x
-#   at 32x32, 1.48x at 16x16, 1.36x at 8x8; 256: 2.5x, 2.2x, 1.5x; 512: 3.3x, 2.5x, 2.5x), forward
-#   only 1.15-2.6x on the same layers; 64 channels tie (1.0-1.1x with backward, 0.76-0.84x without)
-#   and 4x4 maps lose or tie (0.9-1.1x).
+#   larger temporaries, and with the PyTorch tile transforms (2.5-4x slower than the native ones); forward
+#   only was not measured there. The same conservative rule serves both; re-measure it on such a machine.
+# - AVX2 (AMD EPYC), freed memory kept, native transforms (winograd_native): forward + backward wins from
+#   64 channels and 8x8 up (64: 1.7-1.8x at 32x32 and 16x16, 1.5x at 8x8; 128: 2.3x, 2.2x, 1.7x; 512 at
+#   8x8: 2.0x), forward only 1.2-2.1x on the same layers; 32 channels lose forward (0.76x at 32x32) and
+#   tie at 16x16, 4x4 maps tie at 64 and 512 channels (0.94-1.0x) and vary between runs at 128 (1.05-1.6x).
+#   With the PyTorch transforms the rule was from 128 channels (1.65x / 1.48x / 1.36x at 128).
 RULES: dict[str, dict[str, WinogradRule]] = {
     "AVX512": {"train": WinogradRule(256, 8, 16, 512), "inference": WinogradRule(256, 8, 16, 512)},
-    "AVX2": {"train": WinogradRule(128, 8), "inference": WinogradRule(128, 8)},
+    "AVX2": {"train": WinogradRule(64, 8), "inference": WinogradRule(64, 8)},
 }
 DEFAULT_ISA = "AVX512"  # other ISAs: the most conservative table
-CONV_MODES = ("auto", "direct")
+CONV_MODES = ("auto", "direct", "winograd-torch")
 
 
 def cpu_isa() -> str:
@@ -92,8 +96,17 @@ def _is_nhwc(x: Tensor) -> bool:
 # NHWC memory then copies whole channel vectors, and each transform is one plain row-major GEMM with the
 # small 36x36 (or 16x36) matrix on the left. (A channel-major layout needs a transposed operand, which
 # ran 15-20% slower on these CPUs.)
+def _native(*tensors: Tensor) -> bool:
+    """Whether the fused C transforms may be used: they are not differentiable, so not where autograd records
+    (R1's create_graph backward), and not under GAN_PIPELINE_CONV=winograd-torch."""
+    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and os.environ.get("GAN_PIPELINE_CONV", "auto") != "winograd-torch")
+
+
 def _input_transform(x: Tensor) -> Tensor:
     """B^T d B of every 6x6 input tile: x (N, C, H, W), NCHW or NHWC memory -> (36, tiles, C)."""
+    if _native(x) and (v := winograd_native.input_transform(x)) is not None:
+        return v
     n, c, h, w = x.shape
     th, tw = _tile_grid(h, w)
     # Pad 1 (the same-padding) before, and after up to the overhanging last tile's extent: (N, Hp, Wp, C).
@@ -114,6 +127,8 @@ def _weight_transform(weight: Tensor) -> Tensor:
 
 def _output_transform(m: Tensor, n: int, h: int, w: int, channels_last: bool = False) -> Tensor:
     """A^T m A of every tile: (36, tiles, K) -> (N, K, H, W), in NCHW or (channels_last) NHWC memory."""
+    if _native(m) and (y := winograd_native.output_transform(m, n, h, w, channels_last)) is not None:
+        return y
     k = m.shape[2]
     th, tw = _tile_grid(h, w)
     y = (_kron(_AT, m.dtype, m.device) @ m.reshape(ALPHA * ALPHA, -1)).view(TILE, TILE, n, th, tw, k)
@@ -126,6 +141,8 @@ def _output_transform(m: Tensor, n: int, h: int, w: int, channels_last: bool = F
 
 def _output_transform_adjoint(dy: Tensor) -> Tensor:
     """The transpose of `_output_transform`: dy (N, K, H, W) -> (36, tiles, K)."""
+    if _native(dy) and (u := winograd_native.output_transform_adjoint(dy)) is not None:
+        return u
     n, k, h, w = dy.shape
     th, tw = _tile_grid(h, w)
     dy = F.pad(dy.permute(0, 2, 3, 1), (0, 0, 0, TILE * tw - w, 0, TILE * th - h))  # the adjoint of the crop
@@ -181,7 +198,8 @@ def use_winograd(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
     mode = os.environ.get("GAN_PIPELINE_CONV", "auto")
     if mode not in CONV_MODES:
         raise ValueError(f"GAN_PIPELINE_CONV={mode!r} is not one of {', '.join(CONV_MODES)}: 'auto' uses "
-                         "Winograd where it pays on this CPU, 'direct' always calls F.conv2d")
+                         "Winograd where it pays on this CPU, 'direct' always calls F.conv2d, 'winograd-torch' is auto "
+                         "with the PyTorch tile transforms instead of the native ones")
     if mode == "direct":
         return False
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1 and weight.shape[-2:] == (3, 3)):

@@ -75,17 +75,18 @@ def test_dispatch_on_avx512_takes_winograd_only_where_it_pays(monkeypatch):
     monkeypatch.setenv("GAN_PIPELINE_CONV", "direct")
     assert not use_winograd(_grad(1, 256, 16, 16), wide)
     monkeypatch.setenv("GAN_PIPELINE_CONV", "fast")
-    with pytest.raises(ValueError, match="GAN_PIPELINE_CONV='fast'.*auto, direct"):
+    with pytest.raises(ValueError, match="GAN_PIPELINE_CONV='fast'.*auto, direct, winograd-torch"):
         use_winograd(_grad(1, 256, 16, 16), wide)
 
 
-def test_dispatch_on_avx2_takes_winograd_from_128_channels(monkeypatch):
+def test_dispatch_on_avx2_takes_winograd_from_64_channels(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     w128 = torch.zeros(128, 128, 3, 3)
-    # With a backward (a gradient flows to the input or the weight) and forward only: 128 channels pay
-    # from 8x8 up, 64 channels and 4x4 maps do not.
+    # With a backward (a gradient flows to the input or the weight) and forward only: 64 channels and more
+    # pay from 8x8 up (with the native transforms), 32 channels and 4x4 maps do not.
     assert use_winograd(_grad(1, 128, 32, 32), w128) and use_winograd(torch.zeros(1, 128, 8, 8), w128.requires_grad_())
-    assert not use_winograd(_grad(1, 64, 32, 32), _grad(64, 64, 3, 3))
+    assert use_winograd(_grad(1, 64, 32, 32), _grad(64, 64, 3, 3))
+    assert not use_winograd(_grad(1, 32, 32, 32), _grad(32, 32, 3, 3))
     assert not use_winograd(_grad(1, 128, 4, 4), w128)
     with torch.no_grad():
         assert use_winograd(_grad(1, 128, 32, 32), w128) and not use_winograd(_grad(1, 512, 4, 4), w128)
