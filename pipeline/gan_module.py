@@ -22,7 +22,7 @@ from pipeline.losses.adversarial import get_loss
 from pipeline.losses.regularizers import orthogonal_penalty, path_length_penalty, r1_penalty
 from pipeline.training.ema import EMAHalfLife, EMASchedule, update_ema
 from pipeline.training.objective import Objective
-from pipeline.training.sampling import sample_labels
+from pipeline.training.sampling import FakeLabels
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -32,7 +32,8 @@ class GAN(L.LightningModule):
 
     def __init__(self, *, G: nn.Module, D: nn.Module, g_opt: OptimizerFactory, d_opt: OptimizerFactory,
                  objective: Objective, ema: EMASchedule | EMAHalfLife, kimg: float,
-                 class_probs: list[float] | None = None, config: dict | None = None) -> None:
+                 class_probs: list[float] | None = None, fake_labels: FakeLabels = FakeLabels(), seed: int = 0,
+                 config: dict | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
         self.G, self.D = G, D
@@ -47,11 +48,13 @@ class GAN(L.LightningModule):
         self.total_images = int(round(kimg * 1000))
         probs = torch.tensor(class_probs, dtype=torch.float) if class_probs else torch.empty(0)
         self.register_buffer("class_probs", probs, persistent=False)
+        self.fake_labels, self.seed = fake_labels, seed  # seed: equal on every rank (grouped labels agree)
         self.config = config or {}  # resolved config, stored in every checkpoint
         # Counters; all are checkpointed (on_save_checkpoint) so a resumed run continues exactly here.
         self.images_seen = 0  # real images shown to D, all ranks together
         self.d_step = 0
         self.g_step = 0
+        self.label_draws = 0  # batches of fake labels drawn: with the seed, the key of the next grouped draw
 
     # ---- Lightning plumbing -------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -60,7 +63,10 @@ class GAN(L.LightningModule):
 
     def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.G.z_dim, device=self.device)
-        y = sample_labels(n, self.class_probs, device=self.device)
+        rank = dist.get_rank() if world_size() > 1 else 0
+        y = self.fake_labels.draw(n, self.class_probs, rank=rank, world=world_size(), device=self.device,
+                                  seed=self.seed * 1_000_003 + self.label_draws)
+        self.label_draws += 1
         return z, y
 
     def _optimize(self, opt: Any, loss: torch.Tensor, net: nn.Module) -> None:
@@ -145,13 +151,15 @@ class GAN(L.LightningModule):
         # Runs on every rank. G's BatchNorm statistics move in D steps too: make them agree before saving.
         sync_buffers(self.G)
         checkpoint["config"] = self.config
-        checkpoint["counters"] = {"images_seen": self.images_seen, "d_step": self.d_step, "g_step": self.g_step}
+        checkpoint["counters"] = {"images_seen": self.images_seen, "d_step": self.d_step, "g_step": self.g_step,
+                                  "label_draws": self.label_draws}
         checkpoint["rng"] = _gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint["counters"]
         self.images_seen, self.d_step, self.g_step = (counters["images_seen"], counters["d_step"],
                                                       counters["g_step"])
+        self.label_draws = counters.get("label_draws", 0)
         _restore_rng_state(checkpoint.get("rng"))
 
 

@@ -26,6 +26,7 @@ from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
 from pipeline.training.host_memory import keep_freed_memory
 from pipeline.training.network_stats import NetworkStats
+from pipeline.training.sampling import FakeLabels
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
 # The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
@@ -91,10 +92,16 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     try:
         gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
                   objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
-                  class_probs=class_probs, config=OmegaConf.to_container(cfg, resolve=True))
+                  class_probs=class_probs, seed=cfg.seed,
+                  fake_labels=build(cfg, "model.fake_labels") if cfg.model.get("fake_labels") else FakeLabels(),
+                  config=OmegaConf.to_container(cfg, resolve=True))
     except ValueError as e:  # model/objective combinations that cannot work; the message names the key
         raise ConfigError(f"model: {e}") from e
 
+    if cfg.model.generator.get("cbn_stats") == "per_class" and gan.fake_labels.grouping == "iid" and rank == 0:
+        warnings.warn("model.generator.cbn_stats=per_class with iid fake labels: classes with fewer than "
+                      "cbn_min_count samples in a batch take the fallback statistics; add "
+                      "model.fake_labels.grouping=grouped", stacklevel=1)
     ckpt_path = find_checkpoint(cfg.resume, run_dir)
     id_file = run_dir / "wandb_run_id.txt"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if ckpt_path and id_file.is_file() else uuid.uuid4().hex[:8]

@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016) for stride-1, same-padded 3x3 convs, in plain PyTorch.
+"""Winograd F(4x4, 3x3) convolution (Lavin & Gray 2016) for stride-1, same-padded 3x3 convs on CPU, with native tile transforms.
 
 Why by hand: on CPU, PyTorch runs convolutions through oneDNN's direct algorithm, which does the full
 9 multiply-adds per input channel and output pixel; oneDNN's own Winograd path cannot be chosen from

@@ -7,6 +7,7 @@ saving a checkpoint is collective (the GAN's on_save_checkpoint gathers every ra
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from pipeline.metrics.evaluate import (check_metrics, compute_scores, fake_featu
 from pipeline.metrics.features import FeatureNet, resolve_feature_net
 from pipeline.metrics.real_data import class_counts
 from pipeline.metrics.reference import Reference, reference_features
+from pipeline.training.standing_stats import standing_statistics
 
 # The value each metric name yields, for best_metric (kid -> kid; pr -> precision and recall).
 _VALUES = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"], "intra_fid": ["intra_fid"],
@@ -60,8 +62,11 @@ class MetricsCallback(L.Callback):
                  best_metric: str | None = None, mode: Literal["min", "max"] = "min", truncation: float | None = None,
                  seed: int = 0, batch_size: int = 250, k: int = 3, kid_subsets: int = 100,
                  max_real: int | None = None, cache_dir: str | None = None, out_dir: str | None = None,
-                 at_start: bool = True, at_end: bool = True) -> None:
+                 at_start: bool = True, at_end: bool = True, standing_stats: int = 0) -> None:
         self.metrics = parse_metrics(list(metrics), arg="metrics.metrics")
+        if standing_stats < 0:
+            raise ValueError(f"metrics.standing_stats={standing_stats} must be >= 0 batches (0 turns it off)")
+        self.standing_stats = standing_stats
         if every_kimg <= 0 or num_samples < 2:
             raise ValueError(f"metrics.every_kimg={every_kimg} must be > 0 and metrics.num_samples={num_samples} "
                              "at least 2")
@@ -132,6 +137,10 @@ class MetricsCallback(L.Callback):
         if self._net is None:
             self._prepare(trainer, pl_module)
         G, rank, world = pl_module.G_ema, trainer.global_rank, world_size()
+        if self.standing_stats:  # on a copy: G_ema's own statistics keep following G
+            G = copy.deepcopy(G)
+            standing_statistics(G, num_batches=self.standing_stats, batch_size=self.batch_size, seed=self.seed,
+                                truncation=self.truncation if truncation_mode(G) == "z_threshold" else None)
         counts = class_counts(self._manifest) if G.num_classes > 0 else []
         per_rank = math.ceil(self.num_samples / world)  # equal slices: all_gather needs equal sizes
         labels = stratified_labels(per_rank * world, counts)[rank * per_rank:(rank + 1) * per_rank]
@@ -167,7 +176,8 @@ class MetricsCallback(L.Callback):
         record = {"kimg": kimg, "metrics": values,
                   "protocol": protocol(net=self._net, ref=self._ref, num_samples=n, generator="G_ema",
                                        truncation=self.truncation, truncation_kind=truncation_mode(pl_module.G_ema),
-                                       kimg=kimg, seed=self.seed, details={**details, "world_size": world_size()}),
+                                       kimg=kimg, seed=self.seed, details={**details, "world_size": world_size(),
+                                                             "standing_stats": self.standing_stats or None}),
                   "wall_seconds": round(time.perf_counter() - t0, 2)}
         self.history.append(record)
         run_dir = self._run_dir(trainer)

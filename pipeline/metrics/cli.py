@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 
 from pipeline.metrics.checkpoint import build_generator, checkpoint_kimg, read_checkpoint
 from pipeline.metrics.errors import EvalError
-from pipeline.metrics.evaluate import METRICS, check_metrics, evaluate, parse_metrics
+from pipeline.metrics.evaluate import METRICS, check_metrics, evaluate, parse_metrics, truncation_mode
 from pipeline.metrics.features import resolve_feature_net
 from pipeline.metrics import fit
 from pipeline.metrics.real_data import class_counts, find_shards
 from pipeline.metrics.reference import reference_features
+from pipeline.training.standing_stats import standing_statistics
 
 DEFAULT_CACHE = ".cache/gan-pipeline"
 
@@ -43,6 +44,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-net", help="a `gan-eval fit-features` file, InceptionV3 FID weights, or 'inception' "
                    "($GAN_PIPELINE_INCEPTION); default: a domain net for digits, InceptionV3 otherwise")
     p.add_argument("--use-g", action="store_true", help="evaluate G instead of G_ema")
+    p.add_argument("--standing-stats", type=int, default=0, metavar="BATCHES",
+                   help="re-estimate G's BatchNorm statistics (per class with cbn_stats=per_class) over this many "
+                        "forward passes of --batch-size before sampling (BigGAN's standing statistics; default 0: off)")
     p.add_argument("--data", help="real data: 'digits' or a gan-shards folder (default: the checkpoint's data.source)")
     p.add_argument("--cache-dir", help="reference statistics and digits shards (default: $GAN_PIPELINE_CACHE, "
                    "else the checkpoint's paths.cache_dir)")
@@ -139,6 +143,12 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     metrics = parse_metrics(args.metrics) if args.metrics else None
     ckpt = read_checkpoint(args.checkpoint)
     G = build_generator(ckpt, use_g=args.use_g).to(args.device)
+    if args.standing_stats < 0:
+        raise EvalError(f"--standing-stats={args.standing_stats} must be >= 0 (0 turns it off)")
+    if args.standing_stats:
+        standing_statistics(G, num_batches=args.standing_stats, batch_size=args.batch_size, seed=args.seed,
+                            truncation=args.truncation if truncation_mode(G) == "z_threshold" else None,
+                            progress=not args.no_progress)
     shard_dir, manifest, cache_dir = _real_data(args, ckpt, G)
     counts = class_counts(manifest) if G.num_classes > 0 else []
     progress = not args.no_progress
@@ -155,6 +165,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                       truncation=args.truncation, seed=args.seed, batch_size=args.batch_size, device=args.device,
                       k=args.k, kid_subsets=args.kid_subsets, generator="G" if args.use_g else "G_ema",
                       kimg=checkpoint_kimg(ckpt), progress=progress)
+    result["protocol"]["standing_stats"] = ({"batches": args.standing_stats, "batch_size": args.batch_size}
+                                            if args.standing_stats else None)
     return {"checkpoint": str(args.checkpoint), **result, "wall_seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -63,3 +63,24 @@ def test_only_rank_zero_logs_to_wandb(tmp_path, shard_cache):
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
     history = wandb_records(run_dir)
     assert history and "loss/D" in set().union(*history)
+
+
+def test_per_class_statistics_across_ranks_equal_one_rank_with_the_whole_batch(tmp_path):
+    """Classes split over two ranks get the statistics, outputs, gradients and running statistics of one rank."""
+    from tests.distributed.cbn_case import batch, layer, loss_weights
+
+    proc = _torchrun(["tests/distributed/cbn_worker.py", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    x, y = batch()
+    x.requires_grad_(True)
+    bn = layer()
+    out = bn(x, None, y)
+    (out * loss_weights()).sum().backward()
+    torch.testing.assert_close(torch.cat([r0["out"], r1["out"]]), out.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r0["dx"], r1["dx"]]), x.grad, rtol=1e-5, atol=1e-5)
+    for name, p in bn.named_parameters():
+        torch.testing.assert_close(r0["grads"][name], p.grad, rtol=1e-5, atol=1e-5)
+    for name, buf in bn.named_buffers():
+        torch.testing.assert_close(r0["buffers"][name], buf)
+        torch.testing.assert_close(r1["buffers"][name], buf)

@@ -256,3 +256,29 @@ def test_callback_under_torchrun_gathers_every_rank_and_agrees_on_the_best(run, 
     assert (tmp_path / "ddp" / "checkpoints" / "best.ckpt").is_file()
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["metrics"] == record["metrics"]
+
+
+def test_per_class_run_checkpoints_its_statistics_and_gan_eval_takes_standing_stats(run, tmp_path):
+    """gan-train with per-class cBN statistics and grouped labels, then gan-eval with standing statistics."""
+    from pipeline.train import run as train_run
+
+    cfg = compose_train(TINY + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={run['cache']}", "run.name=pc",
+                                "train.kimg=0.064", "train.ckpt_every_kimg=0.064", "train.sample_every_kimg=1",
+                                "~logger", "model.generator.cbn_stats=per_class",
+                                "model.fake_labels.grouping=grouped", "model.fake_labels.samples_per_class=4"])
+    run_dir, gan = train_run(cfg)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # 4 D steps (16 real images each) with a G step every 2nd: 6 label draws, all counted for resume.
+    assert ckpt["counters"]["label_draws"] == gan.label_draws == 6
+    updates = ckpt["state_dict"]["G_ema.blocks.0.bn1.class_updates"]
+    assert updates.sum() > 0 and ckpt["state_dict"]["G_ema.blocks.0.bn1.class_running_mean"].shape == (10, 32)
+    out = tmp_path / "eval.json"
+    result = _main([str(run_dir / "checkpoints" / "last.ckpt"), "--standing-stats", "3", "--batch-size", "40",
+                    "--num-samples", "200", "--metrics", "fid,accuracy", "--feature-net", str(run["net"]),
+                    "--cache-dir", str(run["cache"]), "--out", str(out), "--no-progress"])
+    assert result["protocol"]["standing_stats"] == {"batches": 3, "batch_size": 40}
+    assert result["metrics"]["fid"] > 0 and 0 <= result["metrics"]["accuracy"] <= 1
+    with pytest.raises(SystemExit):  # argparse: not a number
+        main([str(run_dir / "checkpoints" / "last.ckpt"), "--standing-stats", "many"])
+    assert main([str(run_dir / "checkpoints" / "last.ckpt"), "--standing-stats", "-1", "--no-progress",
+                 "--feature-net", str(run["net"]), "--cache-dir", str(run["cache"])]) == 2

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.layers.conditional_norm import ConditionalBatchNorm2d
+from pipeline.layers.conditional_norm import CBNOptions, ConditionalBatchNorm2d
 from pipeline.layers.spectral import SNLayers
 
 
@@ -20,11 +20,12 @@ class GBlock(nn.Module):
         cond_dim: int,
         bn_eps: float,
         layers: SNLayers,
+        cbn: CBNOptions = CBNOptions(),
     ) -> None:
         super().__init__()
-        self.bn1 = ConditionalBatchNorm2d(in_channels, cond_dim, eps=bn_eps, layers=layers)
+        self.bn1 = ConditionalBatchNorm2d(in_channels, cond_dim, eps=bn_eps, layers=layers, **cbn.kwargs())
         self.conv1 = layers.conv(in_channels, out_channels, 3)
-        self.bn2 = ConditionalBatchNorm2d(out_channels, cond_dim, eps=bn_eps, layers=layers)
+        self.bn2 = ConditionalBatchNorm2d(out_channels, cond_dim, eps=bn_eps, layers=layers, **cbn.kwargs())
         self.conv2 = layers.conv(out_channels, out_channels, 3)
         # Every G block upsamples, so the skip always needs its own 1x1 conv (BigGAN's learnable_sc).
         self.conv_sc = layers.conv(in_channels, out_channels, 1)

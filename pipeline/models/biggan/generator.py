@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.layers.attention import SelfAttention
+from pipeline.layers.conditional_norm import CBNOptions, ConditionalBatchNorm2d
 from pipeline.layers.spectral import SNLayers, init_weights
 from pipeline.models.biggan.blocks import GBlock, check_attn_resolutions
 
@@ -54,6 +55,9 @@ class Generator(nn.Module):
         sn_eps: float = 1e-6,
         bn_eps: float = 1e-5,
         init: str = "ortho",
+        cbn_stats: str = "pooled",
+        cbn_min_count: int = 2,
+        cbn_fallback: str = "running",
     ) -> None:
         super().__init__()
         num_blocks = num_up_blocks(resolution, bottom_width)
@@ -76,20 +80,26 @@ class Generator(nn.Module):
         self.bottom_width = bottom_width
         self.z_chunk = z_dim // (num_blocks + 1) if hier else 0
         layers = SNLayers(n_power_iterations=sn_iters, eps=sn_eps, init=init)
+        # pooled: BigGAN's batch statistics over all classes; per_class: each sample normalised with its
+        # own class's statistics over the global batch (pipeline.layers.conditional_norm).
+        cbn = CBNOptions(stats=cbn_stats, num_classes=num_classes, min_count=cbn_min_count, fallback=cbn_fallback)
+        self.per_class_stats = cbn_stats == "per_class"
 
         # One embedding shared by all cBN layers instead of one per layer (BigGAN sec. 4); not SN'd.
         self.shared = init_weights(nn.Embedding(num_classes, shared_dim), init) if num_classes > 0 else None
         cond_dim = (shared_dim if num_classes > 0 else 0) + self.z_chunk
         self.linear = layers.linear(self.z_chunk if hier else z_dim, in_widths[0] * bottom_width**2)
         self.blocks = nn.ModuleList(
-            GBlock(c_in, c_out, cond_dim=cond_dim, bn_eps=bn_eps, layers=layers)
+            GBlock(c_in, c_out, cond_dim=cond_dim, bn_eps=bn_eps, layers=layers, cbn=cbn)
             for c_in, c_out in zip(in_widths, out_widths)
         )
         self.attn = nn.ModuleList(
             SelfAttention(c, layers=layers) if r in attn else nn.Identity()
             for c, r in zip(out_widths, block_resolutions)
         )
-        self.out_bn = nn.BatchNorm2d(out_widths[-1], eps=bn_eps)
+        # The output BN pools classes too, so per_class isolates it as well (a plain affine, no conditioning).
+        self.out_bn = (ConditionalBatchNorm2d(out_widths[-1], 0, eps=bn_eps, **cbn.kwargs()) if self.per_class_stats
+                       else nn.BatchNorm2d(out_widths[-1], eps=bn_eps))
         self.out_conv = layers.conv(out_widths[-1], channels, 3)
 
     def _split_latent(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
@@ -111,4 +121,5 @@ class Generator(nn.Module):
         h = self.linear(z0).view(z.shape[0], -1, self.bottom_width, self.bottom_width)  # (N, C0, bw, bw)
         for block, attn, cond in zip(self.blocks, self.attn, conds):
             h = attn(block(h, cond, y))  # (N, C_i, 2H, 2W)
-        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+        h = self.out_bn(h, None, y) if self.per_class_stats else self.out_bn(h)
+        return torch.tanh(self.out_conv(F.relu(h)))
