@@ -4,8 +4,8 @@ per-class statistic isolation.
 With `stats="pooled"` (BigGAN) the batch mean and variance pool every class in the batch, so a sample's
 normalisation depends on the other classes beside it. With `stats="per_class"` each sample is normalised
 with the mean and variance of the samples of its own class in the global batch: per-class sums are
-all-reduced over the data-parallel ranks with a differentiable all-reduce (the gradient flows back
-through the statistics to every rank's samples, as in SyncBatchNorm, grouped by class). A class with
+all-reduced over the data-parallel ranks, and the gradient flows back through the statistics to every
+rank's samples, as in SyncBatchNorm, grouped by class (`per_class_norm.PerClassNorm`). A class with
 fewer than `min_count` samples in the global batch takes the fallback statistics (`fallback`): its
 running per-class statistics (`running`; pooled running ones until the class has been seen with enough
 samples) or the global batch's pooled statistics (`pooled`). Eval mode uses per-class running
@@ -16,23 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.layers.per_class_norm import PerClassNorm
 from pipeline.layers.spectral import SNLayers
 
 CBN_STATS = ("pooled", "per_class")
 CBN_FALLBACKS = ("running", "pooled")
-
-
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum over data-parallel ranks, differentiable (its backward all-reduces the gradient)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
 
 def check_cbn_options(stats: str, num_classes: int, min_count: int, fallback: str) -> None:
@@ -113,33 +104,6 @@ class ConditionalBatchNorm2d(nn.Module):
         self.batches_tracked += 1
         return 1.0 / self.batches_tracked
 
-    def _class_statistics(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-class mean and (biased) variance over the global batch: (K, C), (K, C), and samples per class (K,)."""
-        n, c, h, w = x.shape
-        var_i, mean_i = torch.var_mean(x, dim=(2, 3), unbiased=False)  # per sample: (N, C) each, one pass
-        # Sums of E_i[x] and E_i[x^2] per class, and the sample count, in one tensor: one all-reduce.
-        per_sample = torch.cat([mean_i, var_i + mean_i.square(), x.new_ones(n, 1)], dim=1)  # (N, 2C + 1)
-        sums = x.new_zeros(self.num_classes, 2 * c + 1).index_add(0, y, per_sample)
-        sums = _all_reduce_sum(sums)
-        count = sums[:, -1].detach()  # (K,) samples of each class, all ranks together
-        denom = count.clamp_min(1)[:, None]
-        mean = sums[:, :c] / denom
-        # E[x^2] - E[x]^2: one all-reduce instead of two; the per-sample part comes from var_mean (stable).
-        var = (sums[:, c : 2 * c] / denom - mean.square()).clamp_min(0)
-        total = count.sum().clamp_min(1)
-        pooled_mean = sums[:, :c].sum(0) / total
-        pooled_var = (sums[:, c : 2 * c].sum(0) / total - pooled_mean.square()).clamp_min(0)
-        self._update_running(mean, var, count, pooled_mean, pooled_var, h * w)
-        # Classes below min_count take the fallback.
-        small = (count < self.min_count)[:, None]
-        if self.fallback == "running":
-            seen = (self.class_updates > 0)[:, None]
-            fb_mean = torch.where(seen, self.class_running_mean, self.running_mean)
-            fb_var = torch.where(seen, self.class_running_var, self.running_var)
-        else:
-            fb_mean, fb_var = pooled_mean.expand_as(mean), pooled_var.expand_as(var)
-        return torch.where(small, fb_mean, mean), torch.where(small, fb_var, var), count
-
     @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, count: Tensor, pooled_mean: Tensor, pooled_var: Tensor,
                         pixels: int) -> None:
@@ -165,16 +129,11 @@ class ConditionalBatchNorm2d(nn.Module):
         self.running_mean.lerp_(pooled_mean.detach(), m)
         self.running_var.lerp_(pooled_var.detach() * total / (total - 1).clamp_min(1), m)
 
-    def _own_class_moments(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and inverse standard deviation (N, C) of each sample's own class."""
-        if y is None:
-            raise ValueError("cbn_stats=per_class needs the class labels y in every forward")
-        if self.training:
-            mean, var, _ = self._class_statistics(x, y)
-        else:
-            seen = (self.class_updates > 0)[:, None]
-            mean = torch.where(seen, self.class_running_mean, self.running_mean)
-            var = torch.where(seen, self.class_running_var, self.running_var)
+    def _eval_moments(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Eval mode: each sample's class running mean and inverse std (N, C); pooled ones for unseen classes."""
+        seen = (self.class_updates > 0)[:, None]
+        mean = torch.where(seen, self.class_running_mean, self.running_mean)
+        var = torch.where(seen, self.class_running_var, self.running_var)
         return mean[y], torch.rsqrt(var[y] + self.eps)
 
     # ---- forward -------------------------------------------------------------------------------
@@ -188,7 +147,11 @@ class ConditionalBatchNorm2d(nn.Module):
         """x: (N, C, H, W), cond: (N, cond_dim) or None when cond_dim == 0, y: (N,) labels -> (N, C, H, W)."""
         gain, bias = self._affine(cond, x.shape[0])
         if self.stats == "per_class":
-            mean, inv_std = self._own_class_moments(x, y)
+            if y is None:
+                raise ValueError("cbn_stats=per_class needs the class labels y in every forward")
+            if self.training:  # statistics of the global batch, per class (pipeline/layers/per_class_norm.py)
+                return PerClassNorm.apply(x, gain, bias, y, self)
+            mean, inv_std = self._eval_moments(y)
             scale = gain * inv_std  # (N, C): normalisation and gain folded into one multiply-add per value
             return torch.addcmul((bias - mean * scale)[:, :, None, None], x, scale[:, :, None, None])
         momentum = self._pooled_momentum() if self.training else 0.0

@@ -55,12 +55,19 @@ def test_per_class_layer_normalizes_each_class_with_its_own_moments():
         torch.testing.assert_close(out[y == k], _normalized(xk, *_moments(xk)), rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_through_the_per_class_statistics_pass_gradcheck():
+@pytest.mark.parametrize("case", ["all_classes_large", "lone_sample_running", "lone_sample_pooled"])
+def test_written_out_backward_passes_gradcheck(case):
+    """x, gain and bias gradients of the per-class Function, with and without a class below min_count."""
+    from pipeline.layers.per_class_norm import PerClassNorm
+
     torch.manual_seed(0)
-    bn = _layer().double()
-    y = torch.tensor([1, 1, 0, 0, 0])
+    # momentum 0: the running statistics (the running fallback) stay constant between gradcheck's evaluations
+    bn = _layer(momentum=0.0, fallback="pooled" if case.endswith("pooled") else "running").double()
+    y = torch.tensor([1, 1, 0, 0, 0]) if case == "all_classes_large" else torch.tensor([1, 1, 0, 0, 3])
     x = torch.randn(5, 3, 3, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: bn(t, None, y), (x,))
+    gain = (1 + 0.3 * torch.randn(5, 3, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: PerClassNorm.apply(*t, y, bn), (x, gain, bias))
 
 
 @pytest.mark.parametrize("fallback", ["running", "pooled"])
