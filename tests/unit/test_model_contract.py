@@ -13,9 +13,9 @@ DATA = {"resolution": 32, "channels": 1, "num_classes": 10}
 BATCH = 4
 
 
-def _compose_model(name: str):
+def _compose_model(name: str, extra: tuple[str, ...] = ()):
     """Compose conf/model/<name>.yaml with Hydra under a minimal `data` node."""
-    overrides = [f"+model={name}"] + [f"+data.{key}={value}" for key, value in DATA.items()]
+    overrides = [f"+model={name}"] + [f"+data.{key}={value}" for key, value in DATA.items()] + list(extra)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(overrides=overrides)
 
@@ -24,10 +24,13 @@ def test_model_configs_exist():
     assert "biggan" in MODEL_NAMES
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-def test_model_forward_backward_every_parameter(name):
+VARIANTS = [(name, ()) for name in MODEL_NAMES] + [("biggan", ("model.generator.cbn_stats=per_class",))]
+
+
+@pytest.mark.parametrize("name,extra", VARIANTS, ids=[" ".join((n, *e)) for n, e in VARIANTS])
+def test_model_forward_backward_every_parameter(name, extra):
     torch.manual_seed(0)
-    cfg = _compose_model(name)
+    cfg = _compose_model(name, extra)
     assert cfg.model.name == name
     G = instantiate(cfg.model.generator).train()
     D = instantiate(cfg.model.discriminator).train()
