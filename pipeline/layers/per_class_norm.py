@@ -2,8 +2,8 @@
 
 Why by hand: through plain autograd the per-class statistics (var_mean, index_add, the all-reduce,
 gathers, the multiply-add) record ~25 small ops per layer, and their backward makes about eight passes
-over the activations; BatchNorm's fused kernel makes two. Here the forward makes two passes (var_mean
-and one multiply-add) and the backward four, with BatchNorm's closed-form gradient applied per class
+over the activations; BatchNorm's fused kernel makes two. Here the forward makes three passes (a sum,
+a dot product, one multiply-add) and the backward four, with BatchNorm's closed-form gradient applied per class
 group: for a sample of class k, with g = gain * dy and x_hat its normalised value,
     dx = inv_k * (g - (sum_k g + x_hat * sum_k g x_hat) / n_k),
 the sums taken over every value of class k in the global batch (one all-reduce of (K+1, 2C) sums in
@@ -40,9 +40,12 @@ class PerClassNorm(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, gain: Tensor, bias: Tensor, y: Tensor, bn: Any) -> Tensor:
         n, c, h, w = x.shape
         k = bn.num_classes
-        var_i, mean_i = torch.var_mean(x, dim=(2, 3), unbiased=False)  # (N, C) each
-        # Sums of E_i[x] and E_i[x^2] per class and the sample count, in one tensor: one all-reduce.
-        per_sample = torch.cat([mean_i, var_i + mean_i.square(), x.new_ones(n, 1)], dim=1)  # (N, 2C + 1)
+        # E_i[x] and E_i[x^2] of every sample (N, C): a sum and a dot product per row (torch.var_mean over
+        # dims (2, 3) ran 10-25x slower on CPU here, 3.4 ms against 0.13 ms at 32x32x32x32).
+        xf = x.flatten(2)
+        hw = xf.shape[2]
+        # Their sums per class and the sample count, in one tensor: one all-reduce.
+        per_sample = torch.cat([xf.sum(2) / hw, torch.linalg.vecdot(xf, xf) / hw, x.new_ones(n, 1)], dim=1)
         sums = _all_reduce_(x.new_zeros(k, 2 * c + 1).index_add_(0, y, per_sample))
         count = sums[:, -1]  # (K,) samples per class, all ranks together
         mean = sums[:, :c] / count.clamp_min(1)[:, None]
