@@ -126,7 +126,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
                             save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, save_last=True),
             SampleGrid(out_dir=run_dir / "samples", every_kimg=settings.sample_every_kimg,
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
-                       seed=settings.sample_seed),
+                       seed=settings.sample_seed, standing_stats=settings.standing_stats),
             *([metrics] if metrics else []),  # before RunSummary: its final scores go into summary.json
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
             NetworkStats(every_kimg=settings.log_every_kimg),

@@ -1,6 +1,7 @@
 """Lightning callbacks: sample grids from G_ema, throughput, and the run summary."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from pipeline.training.sampling import make_grid, truncated_normal
+from pipeline.training.standing_stats import standing_statistics
 
 
 def _kimg(pl_module: L.LightningModule) -> float:
@@ -25,8 +27,9 @@ class SampleGrid(L.Callback):
     """
 
     def __init__(self, *, out_dir: str | Path, every_kimg: float, samples_per_class: int, truncation: float,
-                 seed: int) -> None:
+                 seed: int, standing_stats: int = 0) -> None:
         self.out_dir = Path(out_dir)
+        self.standing_stats = standing_stats  # > 0: grids from a copy of G_ema with standing statistics
         self.every_kimg, self.per_class = every_kimg, samples_per_class
         self.truncation, self.seed = truncation, seed
         self._next_kimg = 0.0
@@ -45,7 +48,12 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         z, y = self._fixed_inputs(pl_module)
-        grid = make_grid(pl_module.G_ema(z, y), nrow=self.per_class)
+        G = pl_module.G_ema
+        if self.standing_stats:  # a copy: G_ema's own statistics keep following G
+            G = copy.deepcopy(G)
+            standing_statistics(G, num_batches=self.standing_stats, batch_size=len(y), truncation=self.truncation,
+                                seed=self.seed)
+        grid = make_grid(G(z, y), nrow=self.per_class)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{tag}.png"
         Image.fromarray(grid).save(path)

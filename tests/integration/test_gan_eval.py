@@ -265,8 +265,12 @@ def test_per_class_run_checkpoints_its_statistics_and_gan_eval_takes_standing_st
     cfg = compose_train(TINY + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={run['cache']}", "run.name=pc",
                                 "train.kimg=0.064", "train.ckpt_every_kimg=0.064", "train.sample_every_kimg=1",
                                 "~logger", "model.generator.cbn_stats=per_class",
-                                "model.fake_labels.grouping=grouped", "model.fake_labels.samples_per_class=4"])
+                                "model.fake_labels.grouping=grouped", "model.fake_labels.samples_per_class=4",
+                                "train.standing_stats=2"])
     run_dir, gan = train_run(cfg)
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png"))  # grids with standing statistics
+    # ... made on a copy: G_ema still holds the statistics it copied from G
+    assert torch.equal(gan.G_ema.blocks[0].bn1.class_updates, gan.G.blocks[0].bn1.class_updates)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 4 D steps (16 real images each) with a G step every 2nd: 6 label draws, all counted for resume.
     assert ckpt["counters"]["label_draws"] == gan.label_draws == 6
