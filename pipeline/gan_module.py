@@ -65,7 +65,7 @@ class GAN(L.LightningModule):
         z = torch.randn(n, self.G.z_dim, device=self.device)
         rank = dist.get_rank() if world_size() > 1 else 0
         y = self.fake_labels.draw(n, self.class_probs, rank=rank, world=world_size(), device=self.device,
-                                  seed=self.seed * 1_000_003 + self.label_draws)
+                                  seed=self.seed, index=self.label_draws)
         self.label_draws += 1
         return z, y
 

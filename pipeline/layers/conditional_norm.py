@@ -13,7 +13,7 @@ statistics. Gains and biases are the same in both modes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,12 +48,9 @@ class CBNOptions:
     min_count: int = 2
     fallback: str = "running"
 
-    def __post_init__(self) -> None:
-        check_cbn_options(self.stats, self.num_classes, self.min_count, self.fallback)
-
     def kwargs(self) -> dict:
-        return {"stats": self.stats, "num_classes": self.num_classes, "min_count": self.min_count,
-                "fallback": self.fallback}
+        """The ConditionalBatchNorm2d keyword arguments (which checks them)."""
+        return asdict(self)
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -111,8 +108,6 @@ class ConditionalBatchNorm2d(nn.Module):
 
         Every rank computes the same all-reduced statistics, so the buffers stay equal across ranks.
         """
-        if not self.training:
-            return
         elems = count * pixels  # values per class and channel
         unbias = (elems / (elems - 1).clamp_min(1))[:, None]  # Bessel's correction, as BatchNorm's running_var
         enough = count >= self.min_count

@@ -92,10 +92,6 @@ def _is_nhwc(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-# Layout: every transformed tensor is (36, tiles, channels), channels innermost. Gathering the tiles from
-# NHWC memory then copies whole channel vectors, and each transform is one plain row-major GEMM with the
-# small 36x36 (or 16x36) matrix on the left. (A channel-major layout needs a transposed operand, which
-# ran 15-20% slower on these CPUs.)
 def _native(*tensors: Tensor) -> bool:
     """Whether the fused C transforms may be used: they are not differentiable, so not where autograd records
     (R1's create_graph backward), and not under GAN_PIPELINE_CONV=winograd-torch."""
@@ -103,6 +99,10 @@ def _native(*tensors: Tensor) -> bool:
             and os.environ.get("GAN_PIPELINE_CONV", "auto") != "winograd-torch")
 
 
+# Layout: every transformed tensor is (36, tiles, channels), channels innermost. Gathering the tiles from
+# NHWC memory then copies whole channel vectors, and each transform is one plain row-major GEMM with the
+# small 36x36 (or 16x36) matrix on the left. (A channel-major layout needs a transposed operand, which
+# ran 15-20% slower on these CPUs.)
 def _input_transform(x: Tensor) -> Tensor:
     """B^T d B of every 6x6 input tile: x (N, C, H, W), NCHW or NHWC memory -> (36, tiles, C)."""
     if _native(x) and (v := winograd_native.input_transform(x)) is not None:

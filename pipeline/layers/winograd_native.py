@@ -44,13 +44,12 @@ def _library_path(compiler: str) -> Path:
 
 
 def _cpu_model() -> str:
+    """The first CPU's model name and feature flags (VMs can share a model name across ISAs)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return ""
+        return ""
+    return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
 def _build(target: Path, compiler: str) -> None:

@@ -7,7 +7,6 @@ saving a checkpoint is collective (the GAN's on_save_checkpoint gathers every ra
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ from pipeline.metrics.evaluate import (check_metrics, compute_scores, fake_featu
 from pipeline.metrics.features import FeatureNet, resolve_feature_net
 from pipeline.metrics.real_data import class_counts
 from pipeline.metrics.reference import Reference, reference_features
-from pipeline.training.standing_stats import standing_statistics
+from pipeline.training.standing_stats import standing_copy
 
 # The value each metric name yields, for best_metric (kid -> kid; pr -> precision and recall).
 _VALUES = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"], "intra_fid": ["intra_fid"],
@@ -137,10 +136,9 @@ class MetricsCallback(L.Callback):
         if self._net is None:
             self._prepare(trainer, pl_module)
         G, rank, world = pl_module.G_ema, trainer.global_rank, world_size()
-        if self.standing_stats:  # on a copy: G_ema's own statistics keep following G
-            G = copy.deepcopy(G)
-            standing_statistics(G, num_batches=self.standing_stats, batch_size=self.batch_size, seed=self.seed,
-                                truncation=self.truncation if truncation_mode(G) == "z_threshold" else None)
+        # A copy when standing statistics are asked for: G_ema's own statistics keep following G.
+        G = standing_copy(G, num_batches=self.standing_stats, batch_size=self.batch_size, seed=self.seed,
+                          truncation=self.truncation if truncation_mode(G) == "z_threshold" else None)
         counts = class_counts(self._manifest) if G.num_classes > 0 else []
         per_rank = math.ceil(self.num_samples / world)  # equal slices: all_gather needs equal sizes
         labels = stratified_labels(per_rank * world, counts)[rank * per_rank:(rank + 1) * per_rank]

@@ -1,7 +1,6 @@
 """Lightning callbacks: sample grids from G_ema, throughput, and the run summary."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from pipeline.training.sampling import make_grid, truncated_normal
-from pipeline.training.standing_stats import standing_statistics
+from pipeline.training.standing_stats import standing_copy
 
 
 def _kimg(pl_module: L.LightningModule) -> float:
@@ -48,11 +47,9 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         z, y = self._fixed_inputs(pl_module)
-        G = pl_module.G_ema
-        if self.standing_stats:  # a copy: G_ema's own statistics keep following G
-            G = copy.deepcopy(G)
-            standing_statistics(G, num_batches=self.standing_stats, batch_size=len(y), truncation=self.truncation,
-                                seed=self.seed)
+        # A copy when standing statistics are asked for: G_ema's own statistics keep following G.
+        G = standing_copy(pl_module.G_ema, num_batches=self.standing_stats, batch_size=len(y),
+                          truncation=self.truncation, seed=self.seed)
         grid = make_grid(G(z, y), nrow=self.per_class)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{tag}.png"

@@ -66,13 +66,14 @@ class FakeLabels:
             return None
         return torch.ones_like(class_probs) if self.distribution == "uniform" else class_probs
 
-    def draw(self, n: int, class_probs: torch.Tensor | None, *, rank: int, world: int, seed: int,
+    def draw(self, n: int, class_probs: torch.Tensor | None, *, rank: int, world: int, seed: int, index: int,
              device: torch.device | str = "cpu") -> torch.Tensor:
-        """This rank's n labels. `seed` must be equal on every rank (and differ per draw) when grouped."""
+        """This rank's n labels for the `index`-th draw; grouped draws are a function of (seed, index) only,
+        so `seed` and `index` must be equal on every rank."""
         probs = self.probs(class_probs)
         if self.grouping == "iid" or probs is None:
             return sample_labels(n, probs, device=device)  # the rank's own RNG stream
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         total = n * world
         groups = -(-total // self.samples_per_class)
         classes = torch.multinomial(probs.cpu().float(), groups, replacement=True, generator=gen)

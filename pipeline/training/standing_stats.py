@@ -8,6 +8,8 @@ put in training mode: spectral norm's power iteration, dropout and the like stay
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +35,16 @@ def _reset_cumulative(bn: nn.Module) -> None:
     else:
         bn.reset_running_stats()
     bn.momentum = None
+
+
+def standing_copy(G: nn.Module, *, num_batches: int, batch_size: int, truncation: float | None = None,
+                  seed: int = 0) -> nn.Module:
+    """G itself when num_batches is 0 (or G has no BatchNorm), else a copy of G with standing statistics."""
+    if num_batches == 0 or not batchnorm_layers(G):
+        return G
+    G = copy.deepcopy(G)
+    standing_statistics(G, num_batches=num_batches, batch_size=batch_size, truncation=truncation, seed=seed)
+    return G
 
 
 @torch.no_grad()
@@ -63,7 +75,7 @@ def standing_statistics(G: nn.Module, *, num_batches: int, batch_size: int, trun
     try:
         for i in tqdm(range(num_batches), desc="standing statistics", disable=not progress, leave=False):
             z = truncated_normal((batch_size, G.z_dim), truncation, generator=gen).to(device)
-            y = labels.draw(batch_size, probs, rank=0, world=1, seed=seed * 1_000_003 + i, device=device)
+            y = labels.draw(batch_size, probs, rank=0, world=1, seed=seed, index=i, device=device)
             G(z, y)
     finally:
         for bn, m in zip(layers, momenta):
