@@ -1,8 +1,9 @@
 """The GAN as a LightningModule: G, D, G_ema, two optimizers, and a training step that reads like the algorithm.
 
 One training step consumes one real batch and makes one D step; every `objective.d_steps` D steps it
-also makes one G step (BigGAN-PyTorch's schedule). Gradients are averaged across ranks by
-`pipeline.distributed.sync`, not by a DDP wrapper (see that module for why).
+also makes one G step (BigGAN-PyTorch's schedule). Everything between a loss and updated weights (autocast,
+the per-network loss scaler, backward, the gradient all-reduce, clipping, the optimizer) belongs to each
+network's engine from `pipeline.distributed` (`strategy=ddp|deepspeed`, `precision=fp32|fp16|bf16`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.distributed.sync import all_reduce_grads, all_reduce_mean_, sync_buffers, world_size
+from pipeline.distributed.backend import DDPBackend, DeepSpeedBackend
+from pipeline.distributed.engine import NetEngine
+from pipeline.distributed.precision import Precision
+from pipeline.distributed.sync import all_reduce_mean_, sync_buffers, world_size
 from pipeline.losses.adversarial import get_loss
 from pipeline.losses.regularizers import orthogonal_penalty, path_length_penalty, r1_penalty
 from pipeline.training.ema import EMAHalfLife, EMASchedule, update_ema
@@ -33,6 +37,7 @@ class GAN(L.LightningModule):
     def __init__(self, *, G: nn.Module, D: nn.Module, g_opt: OptimizerFactory, d_opt: OptimizerFactory,
                  objective: Objective, ema: EMASchedule | EMAHalfLife, kimg: float,
                  class_probs: list[float] | None = None, fake_labels: FakeLabels = FakeLabels(), seed: int = 0,
+                 backend: DDPBackend | DeepSpeedBackend = DDPBackend(), precision: Precision = Precision(),
                  config: dict | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
@@ -40,6 +45,10 @@ class GAN(L.LightningModule):
         self.G_ema = copy.deepcopy(G).eval().requires_grad_(False)
         self.g_opt_factory, self.d_opt_factory = g_opt, d_opt
         self.objective, self.ema = objective, ema
+        self.backend, self.precision = backend, precision
+        self.engines: dict[str, NetEngine] = {}  # "G", "D": built in configure_optimizers
+        self._engine_state: dict[str, Any] | None = None  # from a checkpoint, loaded once the engines exist
+        self._rng_state: list[dict[str, Any]] | None = None  # likewise
         if objective.pl.enabled and not hasattr(G, "mapping"):
             raise ValueError("pl_weight > 0 needs a generator that exposes its w (G.mapping, e.g. StyleGAN2); "
                              "set model.objective.pl_weight=0")
@@ -57,9 +66,20 @@ class GAN(L.LightningModule):
         self.label_draws = 0  # batches of fake labels drawn: with the seed, the key of the next grouped draw
 
     # ---- Lightning plumbing -------------------------------------------------------------------
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [_make_optimizer(self.g_opt_factory, self.G, self.objective.pl),
-                _make_optimizer(self.d_opt_factory, self.D, self.objective.r1)]
+    def configure_optimizers(self) -> None:
+        """Build G's and D's engines. Their optimizers stay out of Lightning: the engines checkpoint them."""
+        device = self.device.type
+        self.engines = {
+            "G": self.backend.engine("G", self.G, _make_optimizer(self.g_opt_factory, self.G, self.objective.pl),
+                                     self.precision, device),
+            "D": self.backend.engine("D", self.D, _make_optimizer(self.d_opt_factory, self.D, self.objective.r1),
+                                     self.precision, device)}
+        for name, state in (self._engine_state or {}).items():
+            self.engines[name].load_state_dict(state)
+        self._engine_state = None
+        if self._rng_state is not None:  # after the engines: building them may draw random numbers
+            _restore_rng_state(self._rng_state)
+            self._rng_state = None
 
     def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.G.z_dim, device=self.device)
@@ -69,17 +89,18 @@ class GAN(L.LightningModule):
         self.label_draws += 1
         return z, y
 
-    def _optimize(self, opt: Any, loss: torch.Tensor, net: nn.Module) -> None:
-        """zero_grad -> backward -> average gradients across ranks -> step."""
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        all_reduce_grads(net.parameters())
-        opt.step()
+    def _count_optimizer_step(self) -> None:
+        """Lightning's global_step (which checkpoints, logging intervals and max_steps follow) counts the steps of
+        its optimizer wrappers, and the engines step outside them: count each G and D step as they would."""
+        if self._trainer is not None:
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
 
     # ---- the algorithm ------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x_real, y_real = batch  # (B, C, H, W) in [-1, 1], (B,)
-        g_opt, d_opt = self.optimizers()
+        g, d = self.engines["G"], self.engines["D"]
         B = x_real.shape[0]
         obj = self.objective
 
@@ -87,23 +108,25 @@ class GAN(L.LightningModule):
         g_step_due = (self.d_step + 1) % obj.d_steps == 0
         keep_graph = obj.reuse_fakes and g_step_due  # the G step will backpropagate through these fakes
         z, y_fake = self._latents(B)
-        with torch.set_grad_enabled(keep_graph):
+        with torch.set_grad_enabled(keep_graph), g.autocast():
             x_fake_g = self.G(z, y_fake)
         x_fake = x_fake_g.detach()
         r1_due = obj.r1.due(self.d_step)
         x_real = x_real.detach().requires_grad_(r1_due)
-        d_real, d_fake = self.D(x_real, y_real), self.D(x_fake, y_fake)
+        with d.autocast():  # losses are taken in fp32 whatever precision D ran in
+            d_real, d_fake = self.D(x_real, y_real).float(), self.D(x_fake, y_fake).float()
         loss_d = self.d_loss_fn(d_real, d_fake)
         total_d = loss_d
         if r1_due:  # lazy R1: every r1_interval steps, gamma/2 * interval * E||grad_x D(x)||^2
-            r1 = r1_penalty(d_real, x_real)
+            r1 = r1_penalty(d_real, x_real, grad_scale=d.grad_scale)
             total_d = total_d + obj.r1.scale * r1
             self.log("reg/r1", r1.detach(), on_step=True)
         if obj.d_ortho > 0:
             ortho_d = orthogonal_penalty(self.D, variant=obj.ortho_variant)
             total_d = total_d + obj.d_ortho * ortho_d
             self.log("reg/ortho_D", ortho_d.detach(), on_step=True)
-        self._optimize(d_opt, total_d, self.D)
+        d.step(total_d)  # a step skipped for an fp16 overflow still counts: the schedule moves on
+        self._count_optimizer_step()
         self.d_step += 1
         self.images_seen += B * world_size()
         self.log_dict({"loss/D": loss_d.detach(), "D/real": d_real.detach().mean(),
@@ -116,14 +139,19 @@ class GAN(L.LightningModule):
                 x_g, y = x_fake_g, y_fake
             else:
                 z, y = self._latents(B)
-                x_g = self.G(z, y)
-            loss_g = self.g_loss_fn(self.D(x_g, y))
+                with g.autocast():
+                    x_g = self.G(z, y)
+            with d.autocast():
+                logits = self.D(x_g, y).float()
+            loss_g = self.g_loss_fn(logits)
             total_g = loss_g
             if obj.pl.due(self.g_step):  # lazy path length on a smaller batch (StyleGAN2 sec. 3.2, appendix B)
                 n = max(1, B // obj.pl_batch_shrink)
                 z, y = self._latents(n)
-                images, ws = self.G(z, y, return_ws=True)
-                pl, new_mean, lengths = path_length_penalty(images, ws, self.pl_mean, decay=obj.pl_decay)
+                with g.autocast():
+                    images, ws = self.G(z, y, return_ws=True)
+                pl, new_mean, lengths = path_length_penalty(images, ws, self.pl_mean, decay=obj.pl_decay,
+                                                            grad_scale=g.grad_scale)
                 self.pl_mean.copy_(all_reduce_mean_(new_mean))
                 total_g = total_g + obj.pl.scale * pl
                 self.log_dict({"reg/path_length": lengths.mean(), "reg/pl_penalty": pl.detach()}, on_step=True)
@@ -131,7 +159,8 @@ class GAN(L.LightningModule):
                 ortho_g = orthogonal_penalty(self.G, variant=obj.ortho_variant)
                 total_g = total_g + obj.g_ortho * ortho_g
                 self.log("reg/ortho_G", ortho_g.detach(), on_step=True)
-            self._optimize(g_opt, total_g, self.G)
+            g.step(total_g)
+            self._count_optimizer_step()
             self.D.requires_grad_(True)
             sync_buffers(self.G)  # BatchNorm statistics (and w_avg) saw different data on each rank
             decay = self.ema.decay_for(g_step=self.g_step, batch_size=B * world_size(), images_seen=self.images_seen)
@@ -140,7 +169,9 @@ class GAN(L.LightningModule):
             self.log("loss/G", loss_g.detach(), on_step=True, prog_bar=True)
 
         self.log_dict({"progress/kimg": self.images_seen / 1000.0,
-                       "lr/G": float(g_opt.param_groups[0]["lr"]), "lr/D": float(d_opt.param_groups[0]["lr"])},
+                       "lr/G": float(g.optimizer.param_groups[0]["lr"]),
+                       "lr/D": float(d.optimizer.param_groups[0]["lr"]),
+                       **{f"precision/{k}_{name}": v for name, e in self.engines.items() for k, v in e.stats().items()}},
                       on_step=True, prog_bar=False)
         self.log("kimg", self.images_seen / 1000.0, on_step=True, prog_bar=True, logger=False)
         if self.images_seen >= self.total_images:
@@ -154,13 +185,18 @@ class GAN(L.LightningModule):
         checkpoint["counters"] = {"images_seen": self.images_seen, "d_step": self.d_step, "g_step": self.g_step,
                                   "label_draws": self.label_draws}
         checkpoint["rng"] = _gather_rng_states()
+        checkpoint["engines"] = {name: engine.state_dict() for name, engine in self.engines.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint["counters"]
         self.images_seen, self.d_step, self.g_step = (counters["images_seen"], counters["d_step"],
                                                       counters["g_step"])
         self.label_draws = counters.get("label_draws", 0)
-        _restore_rng_state(checkpoint.get("rng"))
+        # Optimizers, loss scalers and RNG states wait for configure_optimizers: Lightning restores the modules
+        # before it builds the optimizers, and the engines do not exist yet. Checkpoints from before the engines kept the two optimizers in Lightning's list.
+        self._engine_state = checkpoint.get("engines") or {
+            name: {"optimizer": state} for name, state in zip(("G", "D"), checkpoint.get("optimizer_states", []))}
+        self._rng_state = checkpoint.get("rng")
 
 
 def _make_optimizer(factory: OptimizerFactory, net: nn.Module, lazy: Any) -> torch.optim.Optimizer:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, build, check_targets
 from pipeline.distributed.env import launch_world
+from pipeline.distributed.precision import Precision
 from pipeline.gan_module import GAN
 from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
@@ -68,6 +70,23 @@ def _check_world(cfg: DictConfig) -> tuple[int, int]:
     return world, rank
 
 
+def _device_type(cfg: DictConfig) -> str:
+    accelerator = str(cfg.trainer.accelerator)
+    return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def _check_precision(cfg: DictConfig, precision: Precision) -> None:
+    """StyleGAN2's fp16 blocks (num_fp16_res) and precision.scope=model go together."""
+    fp16_nets = [net for net in ("generator", "discriminator") if (cfg.model[net].get("num_fp16_res") or 0) > 0]
+    if fp16_nets and precision.scope != "model":
+        raise ConfigError(f"model.{fp16_nets[0]}.num_fp16_res > 0 puts blocks in fp16 inside the model: add "
+                          "precision=fp16 precision.scope=model (or set num_fp16_res=0)")
+    if precision.scope == "model" and not fp16_nets:
+        raise ConfigError("precision.scope=model runs only the model's own fp16 blocks, and none has any: set "
+                          "model.generator.num_fp16_res and model.discriminator.num_fp16_res (StyleGAN2, e.g. 4), "
+                          "or precision.scope=global")
+
+
 def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[Path, GAN]:
     """Train as `cfg` says; returns the run directory and the trained module. `callbacks` are added (tests, benchmarks)."""
     check_targets(cfg)
@@ -77,6 +96,12 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     L.seed_everything(cfg.seed + rank, workers=True, verbose=False)  # different latents on each rank
 
     settings = build(cfg, "train")
+    backend, precision = build(cfg, "strategy"), build(cfg, "precision")
+    try:
+        backend.check(precision, _device_type(cfg))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    _check_precision(cfg, precision)
     if settings.keep_host_memory:
         keep_freed_memory()
     global_batch = cfg.data.batch_size * world
@@ -92,7 +117,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     try:
         gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
                   objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
-                  class_probs=class_probs, seed=cfg.seed,
+                  class_probs=class_probs, seed=cfg.seed, backend=backend, precision=precision,
                   fake_labels=build(cfg, "model.fake_labels") if cfg.model.get("fake_labels") else FakeLabels(),
                   config=OmegaConf.to_container(cfg, resolve=True))
     except ValueError as e:  # model/objective combinations that cannot work; the message names the key
@@ -116,8 +141,8 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     total_batches = math.ceil(settings.kimg * 1000 / global_batch)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices if world == 1 else world // cfg.trainer.num_nodes,
-        num_nodes=cfg.trainer.num_nodes, strategy=build(cfg, "strategy") if world > 1 else "auto",
-        precision=cfg.trainer.precision, max_epochs=math.ceil(total_batches / batches_per_epoch),
+        num_nodes=cfg.trainer.num_nodes, strategy=backend.lightning_strategy(world),
+        precision="32-true", max_epochs=math.ceil(total_batches / batches_per_epoch),
         logger=logger, default_root_dir=str(run_dir), num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=max(1, round(settings.log_every_kimg * 1000 / global_batch)),
         enable_model_summary=rank == 0, use_distributed_sampler=False,  # webdataset splits by rank itself
@@ -156,6 +181,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     # G_ema is deliberately in eval mode; Lightning would warn about it at every start.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # The GAN's engines own its optimizers (pipeline/distributed/engine.py), so Lightning is given none.
+    warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
     _hydra_main()
 
 

@@ -21,7 +21,15 @@ class SelfAttention(nn.Module):
         self.g = layers.conv(channels, channels // 2, 1, bias=False)  # value h(x)
         self.o = layers.conv(channels // 2, channels, 1, bias=False)  # output v(.)
         # SAGAN eq. 3: y = gamma * o + x, gamma learned from 0 so attention is blended in gradually.
-        self.gamma = nn.Parameter(torch.zeros(()))
+        # Shape (1,), not (): DeepSpeed's start-up broadcast views each bf16/fp16 weight as bytes, which fails
+        # for 0-dim tensors.
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        gamma = state_dict.get(prefix + "gamma")
+        if gamma is not None and gamma.dim() == 0:  # checkpoints from before gamma had shape (1,)
+            state_dict[prefix + "gamma"] = gamma.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) with even H, W -> (N, C, H, W)."""

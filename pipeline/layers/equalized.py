@@ -33,7 +33,8 @@ def bias_act(
     check_activation(activation)
     gain = ACTIVATION_GAINS[activation] if gain is None else gain
     if b is not None:
-        b = b.reshape(1, -1, *([1] * (x.ndim - 2)))  # (C,) -> (1, C, 1, ...)
+        # In x's dtype: under autocast a conv gives fp16/bf16, and an fp32 bias would promote the activations.
+        b = b.to(x.dtype).reshape(1, -1, *([1] * (x.ndim - 2)))  # (C,) -> (1, C, 1, ...)
     # Both activations are positively homogeneous, act(x + b) * g = act(g x + g b) for g > 0, so the gain
     # rides along with the bias in one pass (torch.add's alpha) and lrelu runs in place on that fresh
     # tensor: two memory passes instead of three on the largest activations of the network. Autograd

@@ -193,8 +193,8 @@ def winograd_conv3x3(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def use_winograd(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
-    """Whether `conv3x3` takes the Winograd path: CPU float32, 3x3, ungrouped, and this ISA's rule says it
-    pays for this width and map size, with the backward (a gradient will flow) or forward only."""
+    """Whether `conv3x3` takes the Winograd path: CPU float32 outside autocast, 3x3, ungrouped, and this ISA's
+    rule says it pays for this width and map size, with the backward (a gradient will flow) or forward only."""
     mode = os.environ.get("GAN_PIPELINE_CONV", "auto")
     if mode not in CONV_MODES:
         raise ValueError(f"GAN_PIPELINE_CONV={mode!r} is not one of {', '.join(CONV_MODES)}: 'auto' uses "
@@ -203,6 +203,8 @@ def use_winograd(x: Tensor, weight: Tensor, groups: int = 1) -> bool:
     if mode == "direct":
         return False
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and groups == 1 and weight.shape[-2:] == (3, 3)):
+        return False
+    if torch.is_autocast_enabled("cpu"):  # fp16/bf16 asked for: F.conv2d casts, the fp32 transforms would not
         return False
     backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     rule = RULES[cpu_isa()]["train" if backward else "inference"]

@@ -11,6 +11,11 @@ ORTHO_VARIANTS = ("offdiag", "full")
 _WEIGHT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """fp16/bf16 -> fp32; fp32 and fp64 unchanged (sums of many terms are taken at least in fp32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _raw_weight(layer: nn.Module) -> Tensor:
     """The trainable weight: for a spectrally normalised layer, the original before division by sigma."""
     if parametrize.is_parametrized(layer, "weight"):
@@ -43,12 +48,16 @@ def orthogonal_penalty(module: nn.Module, *, variant: str = "offdiag") -> Tensor
     return penalty
 
 
-def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
+def r1_penalty(real_logits: Tensor, real_images: Tensor, *, grad_scale: float = 1.0) -> Tensor:
     """R1 without gamma/2 (Mescheder et al. 2018, eq. 9): mean_i ||grad_x D(x_i)||^2 over real x_i.
 
     The caller multiplies by gamma / 2, and by the lazy interval k when it runs every k D steps
     (StyleGAN2 appendix B). `real_images` (N, C, H, W) must require grad and `real_logits` (N,) or
     (N, 1) must come from it; the graph is kept (create_graph) so the penalty can be backpropagated.
+    Under fp16 loss scaling pass D's loss scale as `grad_scale`: the logits are multiplied by it before
+    autograd.grad, so that the fp16 backward through D does not underflow, and the gradient divided by it
+    again (PyTorch's AMP gradient-penalty recipe). An overflow makes the penalty inf, and the loss scaler
+    then skips the step.
     """
     if not real_images.requires_grad:
         raise ValueError(
@@ -56,7 +65,9 @@ def r1_penalty(real_logits: Tensor, real_images: Tensor) -> Tensor:
             "before D's forward pass"
         )
     # Summing the logits gives each sample's own input gradient, since D(x_i) depends only on x_i.
-    (grads,) = torch.autograd.grad(outputs=real_logits.sum(), inputs=real_images, create_graph=True)
+    (grads,) = torch.autograd.grad(outputs=_wide(real_logits).sum() * grad_scale, inputs=real_images,
+                                   create_graph=True)
+    grads = _wide(grads) / grad_scale
     return grads.square().flatten(1).sum(1).mean()  # (N, C*H*W) -> (N,) -> scalar
 
 
@@ -67,6 +78,7 @@ def path_length_penalty(
     *,
     decay: float = 0.01,
     generator: torch.Generator | None = None,
+    grad_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """StyleGAN2 path length regularization (Karras et al. 2020, sec. 3.2, eq. 4).
 
@@ -78,7 +90,8 @@ def path_length_penalty(
     (N, num_ws, w_dim), which requires grad. As in the NVlabs implementations, a sample's length
     is sqrt(mean over the num_ws layers of sum over w_dim of (J^T y)^2), and the penalty is taken
     against the updated mean a' = a + decay * (mean(lengths) - a), through which gradient flows
-    (with factor decay); the returned a' and lengths are detached.
+    (with factor decay); the returned a' and lengths are detached. `grad_scale`: G's fp16 loss scale,
+    applied before autograd.grad and removed after, as in `r1_penalty`.
     """
     if fake_images.ndim != 4 or ws.ndim != 3 or ws.shape[0] != fake_images.shape[0]:
         raise ValueError(
@@ -92,7 +105,9 @@ def path_length_penalty(
     height, width = fake_images.shape[2], fake_images.shape[3]
     noise = torch.randn_like(fake_images, generator=generator) / math.sqrt(height * width)  # y
     # grad of <G(w), y> w.r.t. w is J_w^T y, one (num_ws, w_dim) block per sample.
-    (jty,) = torch.autograd.grad(outputs=(fake_images * noise).sum(), inputs=ws, create_graph=True)
+    (jty,) = torch.autograd.grad(outputs=(_wide(fake_images) * _wide(noise)).sum() * grad_scale, inputs=ws,
+                                 create_graph=True)
+    jty = _wide(jty) / grad_scale
     lengths = jty.square().sum(2).mean(1).sqrt()  # (N, num_ws, w_dim) -> (N,)
     a = mean_path_length.detach()
     new_mean = a + decay * (lengths.mean() - a)  # a' = a + decay (E[len] - a)

@@ -37,7 +37,7 @@ class EMASchedule:
 def update_ema(G_ema: nn.Module, G: nn.Module, decay: float) -> None:
     """Blend parameters; copy buffers (BatchNorm statistics, spectral-norm vectors) outright."""
     for p_ema, p in zip(G_ema.parameters(), G.parameters(), strict=True):
-        p_ema.lerp_(p.detach(), 1.0 - decay)
+        p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - decay)  # G may be fp16/bf16 (DeepSpeed)
     for b_ema, b in zip(G_ema.buffers(), G.buffers(), strict=True):
         b_ema.copy_(b)
 

@@ -84,3 +84,18 @@ def test_per_class_statistics_across_ranks_equal_one_rank_with_the_whole_batch(t
     for name, buf in bn.named_buffers():
         torch.testing.assert_close(r0["buffers"][name], buf)
         torch.testing.assert_close(r1["buffers"][name], buf)
+
+
+def test_fp16_overflow_on_one_rank_skips_ds_step_on_every_rank(tmp_path):
+    proc = _torchrun(["tests/distributed/scaler_worker.py", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):  # the inf was on rank 1 only
+        assert r["stats"]["D"] == {"loss_scale": 2.0**9, "skipped_steps": 1.0}
+        assert r["stats"]["G"] == {"loss_scale": 2.0**10, "skipped_steps": 0.0}
+        for key, value in r["before"].items():
+            if key.startswith("D."):
+                assert torch.equal(value, r["after_skip"][key]), key  # D skipped on both ranks
+        assert any(not torch.equal(v, r["after_skip"][k]) for k, v in r["before"].items() if k.startswith("G."))
+    for key, value in r0["end"].items():  # and the ranks still agree, after one more (clean) step
+        assert torch.equal(value, r1["end"][key]), key

@@ -83,6 +83,15 @@ def test_attention_starts_as_identity():
     assert (out - x).abs().max().item() > 1e-3
 
 
+def test_attention_loads_checkpoints_with_a_scalar_gamma():
+    # gamma is (1,) since DeepSpeed came in (its broadcast cannot view a 0-dim bf16 tensor as bytes).
+    attn = SelfAttention(16)
+    state = {k: v.clone() for k, v in attn.state_dict().items()}
+    state["gamma"] = torch.tensor(0.25)
+    attn.load_state_dict(state)
+    assert attn.gamma.shape == (1,) and attn.gamma.item() == 0.25
+
+
 def test_attention_is_global():
     # Changing one pixel changes the output everywhere (each position attends to all pooled ones).
     torch.manual_seed(0)

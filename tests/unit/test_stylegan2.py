@@ -79,7 +79,8 @@ def test_lazy_regularization_adjusts_adam_and_pl_needs_a_mapping():
     adam = partial(torch.optim.Adam, lr=0.0025, betas=[0.0, 0.99])
     obj = Objective(loss="logistic", r1_gamma=0.01, r1_interval=16, pl_weight=2.0, pl_interval=4)
     gan = GAN(G=G, D=D, g_opt=adam, d_opt=adam, objective=obj, ema=EMAHalfLife(), kimg=1.0)
-    g_opt, d_opt = gan.configure_optimizers()
+    gan.configure_optimizers()
+    g_opt, d_opt = gan.engines["G"].optimizer, gan.engines["D"].optimizer
     assert g_opt.param_groups[0]["lr"] == pytest.approx(0.0025 * 4 / 5)
     assert d_opt.param_groups[0]["lr"] == pytest.approx(0.0025 * 16 / 17)
     assert d_opt.param_groups[0]["betas"][1] == pytest.approx(0.99 ** (16 / 17))

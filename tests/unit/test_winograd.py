@@ -72,6 +72,8 @@ def test_dispatch_on_avx512_takes_winograd_only_where_it_pays(monkeypatch):
     assert use_winograd(_grad(1, 512, 32, 32), widest) and use_winograd(_grad(1, 512, 8, 8), widest)
     assert not use_winograd(_grad(1, 256, 16, 16, dtype=torch.bfloat16), wide.bfloat16())  # precision
     assert not use_winograd(_grad(1, 256, 16, 16), _grad(256, 1, 3, 3), groups=256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 tensors, but autocast asks for bf16: F.conv2d
+        assert not use_winograd(_grad(1, 256, 16, 16), wide)
     monkeypatch.setenv("GAN_PIPELINE_CONV", "direct")
     assert not use_winograd(_grad(1, 256, 16, 16), wide)
     monkeypatch.setenv("GAN_PIPELINE_CONV", "fast")

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from pipeline.layers.equalized import EqualizedConv2d, EqualizedLinear
 from pipeline.models.stylegan2.mapping import normalize_2nd_moment
-from pipeline.models.stylegan2.synthesis import channels_at
+from pipeline.models.stylegan2.synthesis import channels_at, fp16_autocast, fp16_resolution
 
 
 def minibatch_stddev(x: Tensor, group_size: int, num_channels: int = 1) -> Tensor:
@@ -19,10 +19,12 @@ def minibatch_stddev(x: Tensor, group_size: int, num_channels: int = 1) -> Tenso
     """
     n, c, h, w = x.shape
     g = max(d for d in range(1, min(group_size, n) + 1) if n % d == 0)
+    # In fp32 at least: in fp16 the 1e-8 is 0 and the double backward of sqrt at small variances (R1) overflows.
     y = x.reshape(g, -1, num_channels, c // num_channels, h, w)  # (G, N/G, F, C/F, H, W)
+    y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
     y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # stddev over the group
     y = y.mean(dim=(2, 3, 4)).reshape(-1, num_channels, 1, 1).repeat(g, 1, h, w)  # (N, F, H, W)
-    return torch.cat([x, y], dim=1)
+    return torch.cat([x, y.to(x.dtype)], dim=1)
 
 
 ARCHITECTURES = ("resnet", "orig")
@@ -53,7 +55,8 @@ class Discriminator(nn.Module):
     def __init__(self, *, resolution: int, channels: int, num_classes: int, channel_base: int = 32768,
                  channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
                  cmap_dim: int | None = None, cmap_layers: int = 2, resample_filter: list[float] = (1, 3, 3, 1),
-                 conv_clamp: float | None = None, architecture: str = "resnet", channels_last: bool = False) -> None:
+                 conv_clamp: float | None = None, architecture: str = "resnet", channels_last: bool = False,
+                 num_fp16_res: int = 0) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} must be one of {ARCHITECTURES} "
@@ -67,11 +70,16 @@ class Discriminator(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.from_rgb = EqualizedConv2d(channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp)
+        block_resolutions = [2**i for i in range(int(log2), 2, -1)]
         self.blocks = nn.ModuleList(
             DBlock(ch(r), ch(r // 2), resample_filter=list(resample_filter), conv_clamp=conv_clamp,
                    residual=architecture == "resnet")
-            for r in (2**i for i in range(int(log2), 2, -1))
+            for r in block_resolutions
         )
+        # The num_fp16_res highest resolutions (fromRGB and their blocks) run in fp16; the 4x4 epilogue never does.
+        lowest_fp16 = fp16_resolution(resolution, num_fp16_res, conv_clamp, "model.discriminator")
+        self.fp16_blocks = [r >= lowest_fp16 for r in block_resolutions]
+        self.num_fp16_res, self.fp16_from_rgb = num_fp16_res, resolution >= lowest_fp16
         c4 = ch(4)
         self.conv = EqualizedConv2d(c4 + mbstd_channels, c4, 3, activation="lrelu", conv_clamp=conv_clamp)
         self.fc = EqualizedLinear(c4 * 16, c4, activation="lrelu")
@@ -83,9 +91,15 @@ class Discriminator(nn.Module):
             self.cmap = nn.ModuleList(EqualizedLinear(a, b, activation="lrelu") for a, b in zip(dims, dims[1:]))
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        h = self.from_rgb(x).contiguous(memory_format=self.memory_format)  # (N, C_R, R, R)
-        for block in self.blocks:
-            h = block(h)  # halves the resolution down to 4x4
+        with fp16_autocast(self.fp16_from_rgb, x.device.type):
+            h = self.from_rgb(x).contiguous(memory_format=self.memory_format)  # (N, C_R, R, R)
+        for block, use_fp16 in zip(self.blocks, self.fp16_blocks, strict=True):
+            if not use_fp16 and self.num_fp16_res:
+                h = h.float()  # fp32 from the last fp16 block on
+            with fp16_autocast(use_fp16, x.device.type):
+                h = block(h)  # halves the resolution down to 4x4
+        if self.num_fp16_res:
+            h = h.float()
         h = minibatch_stddev(h, self.mbstd_group_size, self.mbstd_channels)
         h = self.fc(self.conv(h).flatten(1))  # (N, C_4)
         out = self.out(h)  # (N, cmap_dim) or (N, 1)

@@ -15,7 +15,7 @@ class Generator(nn.Module):
                  mapping_layers: int = 8, mapping_lr_multiplier: float = 0.01, w_avg_beta: float = 0.995,
                  channel_base: int = 32768, channel_max: int = 512, resample_filter: list[float] = (1, 3, 3, 1),
                  conv_clamp: float | None = None, style_mixing_prob: float = 0.9, noise_mode: str = "random",
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, num_fp16_res: int = 0) -> None:
         super().__init__()
         if not 0.0 <= style_mixing_prob <= 1.0:
             raise ValueError(f"style_mixing_prob={style_mixing_prob} must lie in [0, 1]")
@@ -24,7 +24,7 @@ class Generator(nn.Module):
         self.synthesis = SynthesisNetwork(resolution=resolution, img_channels=channels, w_dim=w_dim,
                                           channel_base=channel_base, channel_max=channel_max,
                                           resample_filter=list(resample_filter), conv_clamp=conv_clamp,
-                                          channels_last=channels_last)
+                                          channels_last=channels_last, num_fp16_res=num_fp16_res)
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, num_classes=num_classes, w_dim=w_dim, num_ws=self.num_ws,
                                       num_layers=mapping_layers, lr_multiplier=mapping_lr_multiplier,

@@ -48,7 +48,7 @@ class MappingNetwork(nn.Module):
             x = layer(x)  # (N, w_dim)
         if self.training:  # track E[w] for truncation (StyleGAN sec. 2 / appendix B)
             with torch.no_grad():
-                self.w_avg.copy_(x.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
+                self.w_avg.copy_(x.detach().mean(0).to(self.w_avg.dtype).lerp(self.w_avg, self.w_avg_beta))
         ws = x.unsqueeze(1).repeat(1, self.num_ws, 1)  # (N, num_ws, w_dim)
         if truncation_psi != 1.0:
             cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff

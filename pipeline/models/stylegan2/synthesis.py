@@ -1,6 +1,7 @@
 """StyleGAN2 synthesis network: learned constant, modulated convs with noise, toRGB skips (Karras et al. 2020)."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,7 +26,7 @@ class NoiseInjection(nn.Module):
             return x
         n, _, h, w = x.shape
         noise = self.const_noise if mode == "const" else torch.randn(n, 1, h, w, device=x.device, dtype=x.dtype)
-        return torch.addcmul(x, noise, self.strength.view(1, -1, 1, 1))  # one pass, no (N, C, H, W) temporary
+        return torch.addcmul(x, noise.to(x.dtype), self.strength.to(x.dtype).view(1, -1, 1, 1))  # one pass, no temporary
 
 
 def synthesis_layer(in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: int,
@@ -36,13 +37,31 @@ def synthesis_layer(in_channels: int, out_channels: int, *, w_dim: int, resoluti
                            noise=NoiseInjection(channels=out_channels, resolution=resolution))
 
 
+def fp16_resolution(resolution: int, num_fp16_res: int, conv_clamp: float | None, key: str) -> float:
+    """Lowest resolution that runs in fp16 when the `num_fp16_res` highest do (never 4x4, as NVlabs); inf for none."""
+    if num_fp16_res < 0:
+        raise ValueError(f"{key}.num_fp16_res={num_fp16_res} must be >= 0")
+    if num_fp16_res == 0:
+        return math.inf
+    if conv_clamp is None:
+        raise ValueError(f"{key}.num_fp16_res={num_fp16_res} needs {key}.conv_clamp (256, as NVlabs): the clamp "
+                         "keeps fp16 activations from overflowing")
+    return max(2 ** (int(math.log2(resolution)) + 1 - num_fp16_res), 8)
+
+
+def fp16_autocast(enabled: bool, device_type: str) -> contextlib.AbstractContextManager[None]:
+    """fp16 autocast for a block that runs in fp16; otherwise nothing (an outer autocast stays in force)."""
+    return torch.autocast(device_type, dtype=torch.float16) if enabled else contextlib.nullcontext()
+
+
 class SynthesisBlock(nn.Module):
     """One resolution: [up-conv] conv, then toRGB added to the upsampled image of the previous block."""
 
     def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, img_channels: int,
-                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False) -> None:
+                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False,
+                 use_fp16: bool = False) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution, self.use_fp16 = resolution, use_fp16
         # The layout of the activations that start from the constant; every later layer keeps it.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         first = in_channels == 0  # the 4x4 block starts from a learned constant
@@ -63,10 +82,11 @@ class SynthesisBlock(nn.Module):
         """ws: (N, num_ws, w_dim) for this block's layers."""
         if x is None:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1).contiguous(memory_format=self.memory_format)
-        for i, conv in enumerate(self.convs):
-            x = conv(x, ws[:, i], noise_mode=noise_mode)
-        rgb = self.to_rgb(x, ws[:, len(self.convs)])
-        img = rgb if img is None else upsample2d(img, self.resample_filter) + rgb
+        with fp16_autocast(self.use_fp16, ws.device.type):
+            for i, conv in enumerate(self.convs):
+                x = conv(x, ws[:, i], noise_mode=noise_mode)
+            rgb = self.to_rgb(x, ws[:, len(self.convs)])
+        img = rgb.float() if img is None else upsample2d(img, self.resample_filter) + rgb.float()  # the image in fp32
         return x, img
 
 
@@ -78,18 +98,20 @@ class SynthesisNetwork(nn.Module):
     """ws (N, num_ws, w_dim) -> images (N, img_channels, R, R), not squashed (StyleGAN2 outputs are ~[-1, 1])."""
 
     def __init__(self, *, resolution: int, img_channels: int, w_dim: int, channel_base: int, channel_max: int,
-                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False) -> None:
+                 resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False,
+                 num_fp16_res: int = 0) -> None:
         super().__init__()
         log2 = math.log2(resolution)
         if resolution < 8 or log2 != int(log2):
             raise ValueError(f"resolution {resolution} is not supported by StyleGAN2: use a power of 2 >= 8")
         self.resolutions = [2**i for i in range(2, int(log2) + 1)]
+        lowest_fp16 = fp16_resolution(resolution, num_fp16_res, conv_clamp, "model.generator")
         blocks, prev = [], 0
         for res in self.resolutions:
             out = channels_at(res, channel_base, channel_max)
             blocks.append(SynthesisBlock(prev, out, w_dim=w_dim, resolution=res, img_channels=img_channels,
                                          resample_filter=resample_filter, conv_clamp=conv_clamp,
-                                         channels_last=channels_last))
+                                         channels_last=channels_last, use_fp16=res >= lowest_fp16))
             prev = out
         self.blocks = nn.ModuleList(blocks)
         # Consecutive blocks overlap by one w (toRGB of block b and first conv of block b+1).
