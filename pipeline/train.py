@@ -26,7 +26,9 @@ from pipeline.distributed.precision import Precision
 from pipeline.gan_module import GAN
 from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
+from pipeline.training.checkpoints import AtomicCheckpointIO, CheckpointError, find_checkpoint
 from pipeline.training.host_memory import keep_freed_memory
+from pipeline.training.preemption import Preemption
 from pipeline.training.network_stats import NetworkStats
 from pipeline.training.sampling import FakeLabels
 
@@ -34,20 +36,6 @@ _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
 # The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
 # so a timestamp could differ between ranks; we require run.name there (see _check_world).
 OmegaConf.register_new_resolver("run_name", lambda name: name or _STARTED, replace=True)
-
-
-def find_checkpoint(resume: str | None, run_dir: Path) -> str | None:
-    """resume=null -> None; auto -> run_dir's last.ckpt if any; a file or a run directory -> its checkpoint."""
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    path = Path(resume)
-    for candidate in (path, path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if candidate.is_file():
-            return str(candidate)
-    raise ConfigError(f"resume={resume!r}: no checkpoint there. Give a .ckpt file, a run directory, or resume=auto")
 
 
 def _check_world(cfg: DictConfig) -> tuple[int, int]:
@@ -146,8 +134,9 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         logger=logger, default_root_dir=str(run_dir), num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=max(1, round(settings.log_every_kimg * 1000 / global_batch)),
         enable_model_summary=rank == 0, use_distributed_sampler=False,  # webdataset splits by rank itself
+        plugins=[AtomicCheckpointIO()],  # a crash during a save leaves the previous checkpoint intact
         callbacks=[
-            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="kimg-{kimg:07.1f}", auto_insert_metric_name=False,
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="kimg-{kimg:09.3f}", auto_insert_metric_name=False,
                             save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, save_last=True),
             SampleGrid(out_dir=run_dir / "samples", every_kimg=settings.sample_every_kimg,
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
@@ -155,6 +144,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
             *([metrics] if metrics else []),  # before RunSummary: its final scores go into summary.json
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
             NetworkStats(every_kimg=settings.log_every_kimg),
+            Preemption(ckpt_path=run_dir / "checkpoints" / "last.ckpt", grace_s=settings.preempt_grace_s),
             *(callbacks or []),
         ],
     )
@@ -173,9 +163,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (ConfigError, EvalError) as e:  # EvalError: the metrics' feature network or reference is unusable
+    except (ConfigError, EvalError, CheckpointError) as e:  # EvalError: the metrics' feature network is unusable
         print(f"gan-train: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # a diverged run (NonFiniteError, LossScaleError): the last checkpoint is intact
+        print(f"gan-train: training stopped: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def main() -> None:
@@ -183,6 +176,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # The GAN's engines own its optimizers (pipeline/distributed/engine.py), so Lightning is given none.
     warnings.filterwarnings("ignore", message=r"`LightningModule.configure_optimizers` returned `None`")
+    # The data module resumes its stream inside an epoch from Lightning's restored loop progress (see
+    # ShardDataModule._start_position), not through a stateful loader.
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
     _hydra_main()
 
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import itertools
 import random
 
 import lightning as L
@@ -19,33 +20,75 @@ def _mix(*values: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-class _StreamSeed:
-    """Seed of one (rank, worker) stream; the rank is fixed when the loader is built, the worker read in the worker."""
+class _Stream:
+    """One (rank, worker) stream's per-epoch state, shared by its shard draw, shuffle and resume skip.
 
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
+    Epoch e of rank r's worker w is a function of (seed, r, w, e) only. A run resumed k batches into
+    epoch E continues it exactly: the loader takes batch i from worker i % W, always starting with
+    worker 0, so in epoch E worker w plays worker (w + k) % W and first drops the batches that one
+    made before the checkpoint, as raw samples (nothing decoded).
+    """
 
-    def __call__(self) -> int:
+    def __init__(self, *, seed: int, rank: int, first_epoch: int, trained: int, batch_size: int) -> None:
+        self.base_seed, self.rank = seed, rank  # the rank is fixed in the main process, the worker read in it
+        self.first_epoch, self.trained, self.batch_size = first_epoch, trained, batch_size
+        self.epoch = first_epoch - 1
+        self.worker, self.skip = 0, 0
+
+    def begin_epoch(self) -> None:
+        self.epoch += 1
         info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resumed = self.epoch == self.first_epoch and self.trained > 0
+        self.worker = (worker + self.trained) % workers if resumed else worker
+        self.skip = -(-max(0, self.trained - self.worker) // workers) * self.batch_size if resumed else 0
+
+    def seed(self) -> int:
         # Not webdataset's rank * 1000 + worker: its make_seed is linear (961 * worker_seed + 31 * epoch + seed),
         # so worker 1's epoch 0 would replay worker 0's epoch 31, and seed 31 would replay seed 0's epoch 1.
-        return _mix(self.seed, self.rank, info.id if info is not None else 0)
+        return _mix(self.base_seed, self.rank, self.worker)
+
+
+class _ShardDraw(torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, the draw seeded by (stream seed, epoch) only.
+
+    The draw of webdataset's ResampledShards(deterministic=True), which reads the worker only through a
+    seed callback that is not told the epoch; a resumed epoch needs the worker's role for that epoch.
+    Its WebDataset(resampled=True, seed=...) form drops the seed in 1.0.2 and mixes in pid and time.
+    """
+
+    def __init__(self, urls: list[str], stream: _Stream) -> None:
+        super().__init__()
+        self.urls, self.stream = urls, stream
+
+    def __iter__(self):
+        self.stream.begin_epoch()  # eagerly, before the later stages read the epoch
+        rng = random.Random(wds.utils.make_seed(self.stream.seed(), self.stream.epoch, 0))
+        return (dict(url=self.urls[rng.randint(0, len(self.urls) - 1)]) for _ in itertools.count())
 
 
 class _SeededShuffle:
-    """Sample shuffle buffer whose RNG depends on (seed, rank, worker, epoch) like the shard sampler's."""
+    """Sample shuffle buffer whose RNG depends on (seed, rank, worker, epoch) like the shard draw's."""
 
-    def __init__(self, bufsize: int, stream_seed: _StreamSeed, first_epoch: int) -> None:
-        self.bufsize, self.stream_seed = bufsize, stream_seed
-        self.epoch = first_epoch - 1  # incremented on each pass, in step with ResampledShards.epoch
+    def __init__(self, bufsize: int, stream: _Stream) -> None:
+        self.bufsize, self.stream = bufsize, stream
 
     def __call__(self, src):
-        self.epoch += 1
         if self.bufsize < 2:
             return src
-        rng = random.Random(_mix(self.stream_seed(), self.epoch))
+        rng = random.Random(_mix(self.stream.seed(), self.stream.epoch))
         # initial=bufsize: fill the buffer before the first sample so early batches are mixed too.
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+class _SkipTrained:
+    """Drops the samples a resumed run already trained on in this epoch (see _Stream)."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+
+    def __call__(self, src):
+        return itertools.islice(src, self.stream.skip, None)
 
 
 def _decode_png(data: bytes) -> torch.Tensor:
@@ -84,7 +127,8 @@ class ShardDataModule(L.LightningDataModule):
         self.seed, self.batches_per_epoch = seed, batches_per_epoch
         self.manifest: dict | None = None
         self.shard_dir = None
-        self._first_epoch: int | None = None
+        self._start: tuple[int, int] | None = None
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def prepare_data(self) -> None:
         """Write the digits shards once per node before the ranks set up (setup() also copes alone)."""
@@ -119,45 +163,70 @@ class ShardDataModule(L.LightningDataModule):
         counts = torch.tensor([manifest["class_counts"][str(i)] for i in range(manifest["num_classes"])])
         return counts.float() / max(int(counts.sum()), 1)
 
-    def set_epoch_seed(self, offset: int) -> None:
-        """Start the stream at epoch `offset` instead of the trainer's current epoch; call before train_dataloader()."""
-        self._first_epoch = offset
+    def start_at(self, epoch: int, batches: int = 0) -> None:
+        """Begin the stream at `epoch`, after its first `batches` batches, instead of where the trainer is."""
+        self._start = (epoch, batches)
 
     def _manifest(self) -> dict:
         if self.manifest is None:
             self.setup()
         return self.manifest
 
-    def _first_stream_epoch(self) -> int:
-        # A run resumed at epoch E then streams what an uninterrupted run streams from epoch E on: Lightning
-        # restores current_epoch before it builds the train loader.
-        if self._first_epoch is not None:
-            return self._first_epoch
-        return self.trainer.current_epoch if self.trainer is not None else 0
+    def _start_position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained on) where this fit begins: (0, 0) for a new run.
+
+        A resumed run streams exactly what the uninterrupted run would have from there. Lightning has
+        restored its loop progress before it builds the train loader: `epoch_progress.processed` counts
+        finished epochs (a checkpoint from on_train_epoch_end already counts its epoch), and a checkpoint
+        from inside an epoch (SIGTERM, on_train_batch_end) leaves the fit loop `restarting`, with the
+        batches it trained on in `batch_progress.processed`.
+        """
+        if self._start is not None:
+            return self._start
+        if self.trainer is None:
+            return 0, 0
+        fit = self.trainer.fit_loop
+        epoch = fit.epoch_progress.current.processed
+        batches = fit.epoch_loop.batch_progress.current.processed if fit.restarting else 0
+        return epoch, batches
 
     def train_dataloader(self) -> wds.WebLoader:
         """Build the resampled, shuffled, batched stream; `batches_per_epoch` batches per epoch on every rank."""
         manifest = self._manifest()
         urls = [str(self.shard_dir / s["name"]) for s in manifest["shards"]]
         # Rank is read here in the main process (RANK/WORLD_SIZE from torchrun, else torch.distributed), so
-        # spawned or forked workers need neither. Worker id comes from get_worker_info() inside the worker.
-        stream_seed = _StreamSeed(self.seed, rank=wds.utils.pytorch_worker_info()[0])
-        first_epoch = self._first_stream_epoch()
-        # Not WebDataset(resampled=True, seed=...): 1.0.2 drops that seed for resampled shards and mixes
-        # pid/time into the draw. deterministic=True seeds each draw from (stream_seed(), epoch) only, and
-        # since every rank and worker draws its own shards, no node/worker splitter is needed.
-        shards = wds.ResampledShards(urls, seed=0, worker_seed=stream_seed, deterministic=True)
-        shards.epoch = first_epoch - 1  # __iter__ increments before use
+        # spawned or forked workers need neither. Every rank and worker draws its own shards, so no
+        # node/worker splitter is needed.
+        first_epoch, trained = self._start_position()
+        stream = _Stream(seed=self.seed, rank=wds.utils.pytorch_worker_info()[0], first_epoch=first_epoch,
+                         trained=trained, batch_size=self.batch_size)
         pipeline = wds.DataPipeline(
-            shards,
+            _ShardDraw(urls, stream),
             wds.tarfile_to_samples(),
-            _SeededShuffle(self.shuffle_buffer, stream_seed, first_epoch),
+            _SeededShuffle(self.shuffle_buffer, stream),
+            _SkipTrained(stream),
             wds.to_tuple("png", "cls"),
             wds.map_tuple(_decode_png, int),
             wds.batched(self.batch_size, collation_fn=_collate, partial=False),
         )
+        # The DataLoader draws its workers' base seed at every iter(), from the global torch RNG unless it has a
+        # generator of its own. That draw would shift the latents of a run resumed inside an epoch (its RNG
+        # state is restored, then the loader is iterated once more), so it gets its own.
         loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers,
-                               persistent_workers=self.num_workers > 0)
+                               persistent_workers=self.num_workers > 0,
+                               generator=torch.Generator().manual_seed(_mix(self.seed, stream.rank)))
         # with_epoch on the loader counts batches (not samples per worker), so every rank stops together.
         # with_length lets Lightning's progress bar show the epoch's length.
+        self._loader = loader.pipeline[0]  # the DataLoader, for teardown
         return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the persistent workers when fit ends, also when it ends by an exception (SIGTERM, a fault).
+
+        Otherwise they live until the loader is garbage-collected, and workers forked from a process with
+        other threads can take tens of seconds to exit then.
+        """
+        iterator = getattr(self._loader, "_iterator", None)  # persistent workers' iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self._loader._iterator = None

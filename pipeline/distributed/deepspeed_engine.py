@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline.distributed.engine import LossScaleError
+from pipeline.distributed.engine import LossScaleError, check_nonfinite_run
 from pipeline.distributed.precision import Precision
 from pipeline.distributed.sync import world_size
 
@@ -69,6 +69,8 @@ class DeepSpeedEngine:
                     if buf is not None and buf.is_floating_point():
                         module._buffers[key] = buf.to(self.dtype)
             net.register_forward_pre_hook(_cast_inputs(self.dtype), with_kwargs=True)
+        self.nonfinite_steps = 0  # bf16/fp32 steps skipped for a non-finite loss (fp16: DeepSpeed's skipped_steps)
+        self.consecutive_skips = 0
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # the network itself is in fp16 / bf16
@@ -77,7 +79,19 @@ class DeepSpeedEngine:
     def grad_scale(self) -> float:
         return float(self.optimizer.loss_scale) if self.precision.scaled else 1.0
 
+    def _finite_on_every_rank(self, loss: Tensor) -> bool:
+        flag = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def step(self, loss: Tensor) -> bool:
+        if not self.precision.scaled and not self._finite_on_every_rank(loss):
+            # Without a loss scaler nothing would catch it: skip the step on every rank (ZeRO-2 reduces in backward).
+            self.nonfinite_steps += 1
+            self.consecutive_skips += 1
+            check_nonfinite_run(self.name, self.consecutive_skips, self.precision)
+            return False
         self.engine.backward(loss)
         try:
             self.engine.step()
@@ -88,11 +102,14 @@ class DeepSpeedEngine:
                 f"{self.name}'s DeepSpeed fp16 loss scale is at precision.min_scale={self.precision.min_scale:g} and "
                 "its gradients still overflow. Lower the learning rate, set precision.grad_clip, use "
                 "precision=bf16, or resume from an earlier checkpoint") from e
-        return bool(self.engine.was_step_applied())
+        applied = bool(self.engine.was_step_applied())
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
+        check_nonfinite_run(self.name, self.consecutive_skips, self.precision)
+        return applied
 
     def stats(self) -> dict[str, float]:
         if not self.precision.scaled:
-            return {}
+            return {"skipped_steps": float(self.nonfinite_steps)} if self.nonfinite_steps else {}
         return {"loss_scale": self.grad_scale, "skipped_steps": float(self.engine.skipped_steps)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -103,7 +120,8 @@ class DeepSpeedEngine:
             partitions = [None] * world_size()
             dist.all_gather_object(partitions, local)
         return {"zero": partitions, "skipped_steps": self.engine.skipped_steps,
-                "global_steps": self.engine.global_steps}
+                "global_steps": self.engine.global_steps, "nonfinite_steps": self.nonfinite_steps,
+                "consecutive_skips": self.consecutive_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "zero" not in state:
@@ -122,3 +140,5 @@ class DeepSpeedEngine:
             setattr(self.optimizer.loss_scaler, key, value)
         self.engine.skipped_steps = int(state.get("skipped_steps", 0))
         self.engine.global_steps = int(state.get("global_steps", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))

@@ -22,6 +22,28 @@ class LossScaleError(FloatingPointError):
     """The loss scale fell below its floor: this network's gradients are not finite at any scale."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A network's gradients were not finite for precision.max_nonfinite_steps steps in a row."""
+
+
+def check_nonfinite_run(name: str, consecutive: int, precision: Precision) -> None:
+    """Stop a run whose steps keep being skipped (the weights are still finite: the bad steps were not taken)."""
+    if consecutive >= precision.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{name}'s gradients were not finite for {consecutive} steps in a row (precision.max_nonfinite_steps="
+            f"{precision.max_nonfinite_steps}); those steps were skipped, so the weights and the last checkpoint are "
+            "intact. The run has diverged: resume from the last checkpoint with a lower learning rate, a stronger "
+            "R1 (model.objective.r1_gamma) or precision.grad_clip")
+
+
+def grads_finite(params: list[nn.Parameter]) -> bool:
+    """Whether every gradient is finite: one fused norm pass and one host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
 class NetEngine(Protocol):
     """What `pipeline.gan_module.GAN` needs from one network's training machinery."""
 
@@ -64,6 +86,7 @@ class TorchEngine:
                                            backoff_factor=precision.backoff_factor,
                                            growth_interval=precision.growth_interval, enabled=precision.scaled)
         self.skipped_steps = 0
+        self.consecutive_skips = 0
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return self.precision.autocast(self.device_type)
@@ -81,32 +104,38 @@ class TorchEngine:
         if self.precision.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.precision.grad_clip)
         if not self.precision.scaled:
-            self.optimizer.step()
-            return True
-        before = self.grad_scale
-        self.scaler.step(self.optimizer)  # skips the step if unscale_ found a non-finite gradient
-        self.scaler.update()
-        applied = self.grad_scale >= before  # update() lowers the scale exactly when it skipped
+            # The gradients were all-reduced, so a NaN on any rank is a NaN here: every rank decides alike.
+            applied = grads_finite(params)
+            if applied:
+                self.optimizer.step()
+        else:
+            before = self.grad_scale
+            self.scaler.step(self.optimizer)  # skips the step if unscale_ found a non-finite gradient
+            self.scaler.update()
+            applied = self.grad_scale >= before  # update() lowers the scale exactly when it skipped
         self.skipped_steps += not applied
+        self.consecutive_skips = 0 if applied else self.consecutive_skips + 1
         if self.grad_scale < self.precision.min_scale:
             raise LossScaleError(
                 f"{self.name}'s fp16 loss scale fell to {self.grad_scale:g}, below precision.min_scale="
                 f"{self.precision.min_scale:g}, after {self.skipped_steps} skipped steps: its gradients overflow at "
                 "every scale. Lower the learning rate, set precision.grad_clip, use precision=bf16, or resume from "
                 "an earlier checkpoint")
+        check_nonfinite_run(self.name, self.consecutive_skips, self.precision)
         return applied
 
     def stats(self) -> dict[str, float]:
         if not self.precision.scaled:
-            return {}
+            return {"skipped_steps": float(self.skipped_steps)} if self.skipped_steps else {}
         return {"loss_scale": self.grad_scale, "skipped_steps": float(self.skipped_steps)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.precision.scaled and state.get("scaler"):  # empty: saved without a scaler (another precision)
             self.scaler.load_state_dict(state["scaler"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))

@@ -34,6 +34,9 @@ class Precision:
     backoff_factor: float = 0.5  # S *= backoff on overflow (DeepSpeed always halves)
     min_scale: float = 1.0  # S below this ends the run: gradients overflow at every scale (DeepSpeed: min_loss_scale)
     grad_clip: float | None = None  # max L2 norm of each network's unscaled gradients; null = no clipping
+    # Steps in a row whose gradients are not finite (skipped) before the run stops: a diverged run must not train
+    # on NaN. Under fp16 the scaler's own halvings are such steps too.
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -53,6 +56,8 @@ class Precision:
             raise ValueError(f"precision.backoff_factor={self.backoff_factor} must lie in (0, 1)")
         if not 0.0 < self.min_scale <= self.init_scale:
             raise ValueError(f"precision.min_scale={self.min_scale} must lie in (0, init_scale={self.init_scale}]")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"precision.max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"precision.grad_clip={self.grad_clip} must be > 0, or null for no clipping")
 

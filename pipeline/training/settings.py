@@ -20,9 +20,10 @@ class TrainSettings:
     sample_seed: int = 123  # fixed latents for the sample grids
     keep_host_memory: bool = True  # glibc: freed tensor memory stays in the process (no page faults per step)
     standing_stats: int = 0  # > 0: sample grids from a copy of G_ema with BatchNorm statistics over this many batches
+    preempt_grace_s: float = 60.0  # SIGTERM -> checkpoint -> exit; warn if that took longer (match the pods' grace)
 
     def __post_init__(self) -> None:
-        for key in ("kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg", "truncation"):
+        for key in ("kimg", "log_every_kimg", "sample_every_kimg", "ckpt_every_kimg", "truncation", "preempt_grace_s"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be > 0")
         if self.standing_stats < 0:

@@ -6,10 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import ConfigError
 from pipeline.data.digits import load_digits
 from pipeline.data.shards import write_shards
-from pipeline.train import find_checkpoint, run
+from pipeline.train import run
 from tests.conftest import TINY, compose_train
 
 
@@ -39,10 +38,3 @@ def test_train_on_gan_shards_output(tmp_path, with_classes):
     grid = Image.open(run_dir / "samples" / "final.png")
     assert grid.size[1] == max(k, 1) * 17 + 1  # one row per class, a single row when unconditional
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-
-
-def test_resume_path_that_does_not_exist_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match="resume="):
-        find_checkpoint(str(tmp_path / "nope"), tmp_path)
-    assert find_checkpoint("auto", tmp_path) is None  # nothing to resume: start fresh
-    assert find_checkpoint(None, tmp_path) is None

@@ -77,7 +77,7 @@ def test_same_seed_same_stream_other_seed_other_stream(cache_dir):
 def test_seed_and_epoch_do_not_alias(cache_dir):
     # webdataset's make_seed is linear, so a naive (seed=31, epoch 0) replays (seed=0, epoch 1).
     seed0 = make_dm(cache_dir)
-    seed0.set_epoch_seed(1)
+    seed0.start_at(1)
     assert not same(first_batches(make_dm(cache_dir, seed=31)), first_batches(seed0))
 
 
@@ -96,8 +96,21 @@ def test_epochs_differ_and_resume_replays_the_right_epoch(cache_dir):
     epoch0, epoch1 = list(loader), list(loader)
     assert not same(epoch0, epoch1)
     resumed = make_dm(cache_dir)
-    resumed.set_epoch_seed(1)
+    resumed.start_at(1)
     assert same(list(resumed.train_dataloader()), epoch1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("trained", [1, 3])
+def test_resume_inside_an_epoch_continues_the_stream(cache_dir, workers, trained):
+    loader = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5).train_dataloader()
+    epoch0, epoch1 = list(loader), list(loader)
+    resumed = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5)
+    resumed.start_at(0, trained)
+    loader = resumed.train_dataloader()
+    first = list(itertools.islice(loader, 5 - trained))  # Lightning stops the resumed epoch after the rest
+    assert same(first, epoch0[trained:])
+    assert same(list(loader), epoch1)  # later epochs are not skipped
 
 
 def test_workers_get_different_streams(cache_dir):

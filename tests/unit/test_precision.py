@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.distributed.backend import DDPBackend, DeepSpeedBackend
-from pipeline.distributed.engine import LossScaleError, TorchEngine
+from pipeline.distributed.engine import LossScaleError, NonFiniteError, TorchEngine
 from pipeline.distributed.precision import Precision
 from pipeline.losses.regularizers import r1_penalty
 from pipeline.models.stylegan2.discriminator import Discriminator
@@ -73,6 +73,18 @@ def test_scale_below_min_scale_ends_the_run_naming_the_key():
     with pytest.raises(LossScaleError, match=r"D's fp16 loss scale fell to 1, below precision.min_scale=2"):
         train(gan, range(1, 2))
     handle.remove()
+
+
+def test_nonfinite_gradients_are_skipped_in_fp32_and_a_diverged_run_stops():
+    gan = tiny_gan(precision=Precision(mode="fp32", max_nonfinite_steps=3), r1_gamma=0.0, pl_weight=0.0)
+    before = _params(gan.D)
+    handle = next(gan.D.parameters()).register_hook(lambda g: torch.full_like(g, math.nan))
+    train(gan, range(0, 2))  # without a scaler, nothing else would stop a NaN step
+    assert gan.engines["D"].stats() == {"skipped_steps": 2.0} and gan.engines["G"].stats() == {}
+    with pytest.raises(NonFiniteError, match=r"D's gradients were not finite for 3 steps in a row.*intact"):
+        train(gan, range(2, 3))
+    handle.remove()
+    assert all(torch.equal(before[k], v) for k, v in gan.D.named_parameters())  # never trained on NaN
 
 
 def _r1_fp16(D: nn.Module, x: torch.Tensor, y: torch.Tensor, mult: float, scale: float) -> float:
