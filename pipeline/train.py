@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, build, check_targets
 from pipeline.distributed.env import launch_world
+from pipeline.distributed.peers import LOST_PEER_EXIT_CODE, lost_peer, lost_peer_message
 from pipeline.distributed.precision import Precision
 from pipeline.gan_module import GAN
 from pipeline.metrics.errors import EvalError
@@ -169,6 +170,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     except FloatingPointError as e:  # a diverged run (NonFiniteError, LossScaleError): the last checkpoint is intact
         print(f"gan-train: training stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    except Exception as e:
+        if not lost_peer(e):
+            raise
+        print(f"gan-train: {lost_peer_message(e, cfg.strategy.timeout_s)}", file=sys.stderr)
+        sys.exit(LOST_PEER_EXIT_CODE)
 
 
 def main() -> None:

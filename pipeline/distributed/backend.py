@@ -6,6 +6,7 @@ before anything heavy is built.
 """
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -19,18 +20,33 @@ from pipeline.distributed.precision import Precision
 from pipeline.distributed.strategy import GANDDPStrategy
 
 
+def _check_timeout(timeout_s: float) -> None:
+    if not timeout_s > 0:
+        raise ValueError(f"strategy.timeout_s={timeout_s} must be > 0 (seconds a collective may wait for a peer)")
+
+
+def _strategy(process_group_backend: str | None, timeout_s: float) -> GANDDPStrategy:
+    # The process group's timeout bounds every collective: gloo raises when it passes, NCCL's watchdog aborts.
+    return GANDDPStrategy(process_group_backend=process_group_backend,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+
+
 @dataclass(frozen=True)
 class DDPBackend:
     """Data parallel with hand-averaged gradients (`pipeline.distributed.sync`) and torch's GradScaler per network."""
 
     process_group_backend: str | None = None  # null = nccl on GPUs, gloo on CPU
+    timeout_s: float = 600.0  # a collective that waits longer (a dead or hung peer) raises instead of hanging
+
+    def __post_init__(self) -> None:
+        _check_timeout(self.timeout_s)
 
     def check(self, precision: Precision, device_type: str) -> None:
         if precision.mode == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("precision=bf16 needs a GPU with bf16 support (Ampere or newer): use precision=fp16")
 
     def lightning_strategy(self, world: int) -> Any:
-        return GANDDPStrategy(process_group_backend=self.process_group_backend) if world > 1 else "auto"
+        return _strategy(self.process_group_backend, self.timeout_s) if world > 1 else "auto"
 
     def engine(self, name: str, net: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
                device_type: str) -> NetEngine:
@@ -44,8 +60,10 @@ class DeepSpeedBackend:
     zero_stage: int = 1
     hysteresis: int = 2  # overflows tolerated before DeepSpeed lowers the fp16 scale (torch's GradScaler: 1)
     process_group_backend: str | None = None
+    timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _check_timeout(self.timeout_s)
         if self.zero_stage not in (1, 2):
             raise ValueError(f"strategy.zero_stage={self.zero_stage}: use 1 (optimizer states partitioned) or 2 "
                              "(and gradients). Stage 3 partitions the weights themselves, which G_ema and the "
@@ -68,7 +86,7 @@ class DeepSpeedBackend:
         DDPBackend().check(precision, device_type)
 
     def lightning_strategy(self, world: int) -> Any:
-        return GANDDPStrategy(process_group_backend=self.process_group_backend)  # a process group even for one rank
+        return _strategy(self.process_group_backend, self.timeout_s)  # a process group even for one rank
 
     def config(self, precision: Precision) -> dict[str, Any]:
         """The DeepSpeed config of one engine (DeepSpeed's names: https://www.deepspeed.ai/docs/config-json/)."""

@@ -54,3 +54,18 @@ def test_bad_value_in_dataclass_settings_names_the_key():
     cfg = compose_train(["model.objective.loss=wasserstein"])
     with pytest.raises(ConfigError, match=r"model\.objective.*wasserstein.*hinge"):
         build(cfg, "model.objective")
+
+
+@pytest.mark.parametrize("devices, nodes, fix", [(2, 1, "trainer.devices=2 trainer.num_nodes=2"),
+                                                 (4, 2, "trainer.devices=2 trainer.num_nodes=2"),
+                                                 ("auto", 1, "trainer.devices=2 trainer.num_nodes=2")])
+def test_trainer_devices_and_nodes_must_match_torchrun(monkeypatch, devices, nodes, fix):
+    from pipeline.train import _check_world
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = compose_train([f"trainer.devices={devices}", f"trainer.num_nodes={nodes}", "run.name=x"])
+    with pytest.raises(ConfigError, match=rf"!= 4 processes started by torchrun: set {fix}"):
+        _check_world(cfg)
+    assert _check_world(compose_train(["trainer.devices=2", "trainer.num_nodes=2", "run.name=x"])) == (4, 3)
