@@ -6,7 +6,6 @@ Start it directly (`gan-train ...` or `python -m pipeline.train ...`) or under t
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 import uuid
@@ -29,8 +28,8 @@ from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
 from pipeline.training.checkpoints import AtomicCheckpointIO, CheckpointError, find_checkpoint
 from pipeline.training.host_memory import keep_freed_memory
-from pipeline.training.preemption import Preemption
 from pipeline.training.network_stats import NetworkStats
+from pipeline.training.preemption import Preemption
 from pipeline.training.sampling import FakeLabels
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")

@@ -39,9 +39,7 @@ def check_nonfinite_run(name: str, consecutive: int, precision: Precision) -> No
 def grads_finite(params: list[nn.Parameter]) -> bool:
     """Whether every gradient is finite: one fused norm pass and one host sync."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 class NetEngine(Protocol):

@@ -99,8 +99,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         if sha.hexdigest() != expected:
             raise CheckpointError(f"{path}: corrupt (sha256 {sha.hexdigest()[:12]}... differs from the "
                                   f"{expected[:12]}... recorded when it was written)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mmap: the tensors are mapped, not read; Lightning loads the file for real afterwards
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, not a checkpoint, pickled code
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

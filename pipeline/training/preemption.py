@@ -34,8 +34,6 @@ class Preemption(L.Callback):
     """On SIGTERM, every rank stops after the current batch; `last.ckpt` is written within `grace_s`, or a warning."""
 
     def __init__(self, *, ckpt_path: Path, grace_s: float) -> None:
-        if grace_s <= 0:
-            raise ValueError(f"train.preempt_grace_s={grace_s} must be > 0")
         self.ckpt_path, self.grace_s = Path(ckpt_path), grace_s
         self.received_at: float | None = None
         self._previous: Any = None
@@ -74,7 +72,8 @@ class Preemption(L.Callback):
         if trainer.is_global_zero:
             kimg = getattr(pl_module, "images_seen", 0) / 1000
             print(f"gan-train: SIGTERM: wrote {self.ckpt_path} at {kimg:.3f} kimg, {elapsed:.1f} s after the signal "
-                  f"(grace {self.grace_s:g} s); exiting with {PREEMPTED_EXIT_CODE}, resume=auto continues", file=sys.stderr)
+                  f"(grace {self.grace_s:g} s); exiting with {PREEMPTED_EXIT_CODE}, resume=auto continues",
+                  file=sys.stderr)
             if elapsed > self.grace_s:
                 print(f"gan-train: warning: the checkpoint took longer than train.preempt_grace_s={self.grace_s:g}: "
                       "raise it (and the pods' terminationGracePeriodSeconds) or the next one may be killed first",

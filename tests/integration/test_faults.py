@@ -97,7 +97,8 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_continues(tmp_path, sh
     assert resumed.returncode == 0, err[-3000:]
     assert "Resuming from" in err
     end = verify_checkpoint(tmp_path / "pre" / "checkpoints" / "last.ckpt")["counters"]
-    assert end["images_seen"] == last["counters"]["images_seen"] + 32 and end["d_step"] == last["counters"]["d_step"] + 2
+    assert end["images_seen"] == last["counters"]["images_seen"] + 32
+    assert end["d_step"] == last["counters"]["d_step"] + 2
 
 
 def test_a_diverging_run_stops_with_a_message_and_an_intact_checkpoint(tmp_path, shard_cache):
