@@ -5,7 +5,9 @@ straight into the target file, so a crash there leaves a truncated `last.ckpt` b
 `resume=auto` fails on it. `AtomicCheckpointIO` writes to a temporary file in the same directory,
 fsyncs it, renames it over the target (atomic on POSIX filesystems) and fsyncs the directory; the
 previous file stays intact until the rename. Each checkpoint gets a `<name>.sha256` beside it, so that
-corruption after the write (a bad disk, a partial copy) is caught too, not only truncation.
+corruption after the write (a bad disk, a partial copy) is caught too, not only truncation. While a file
+is replaced, its `.sha256` lists the digests of both the old and the new content, so a crash between the
+two renames leaves whichever file is there verifiable.
 """
 from __future__ import annotations
 
@@ -52,8 +54,8 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def atomic_write(path: Path, write: Any) -> str:
-    """`write(file)` into a temporary file, fsync, rename over `path`; returns the sha256 of what was written."""
+def atomic_write(path: Path, write: Any, before_rename: Any = None) -> str:
+    """`write(file)` into a temporary file, fsync, `before_rename(sha256)`, rename over `path`; returns the sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -62,11 +64,24 @@ def atomic_write(path: Path, write: Any) -> str:
             write(writer)
             f.flush()
             os.fsync(f.fileno())
+        digest = writer.sha.hexdigest()
+        if before_rename is not None:
+            before_rename(digest)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    return writer.sha.hexdigest()
+    return digest
+
+
+def _recorded_digests(path: Path) -> list[str]:
+    """The digests a checkpoint's `.sha256` accepts (empty if there is none)."""
+    sidecar = _checksum_path(path)
+    return [line.split()[0] for line in sidecar.read_text().splitlines() if line.strip()] if sidecar.is_file() else []
+
+
+def _record_digests(path: Path, digests: list[str]) -> None:
+    atomic_write(_checksum_path(path), lambda f: f.write("".join(f"{d}  {path.name}\n" for d in digests).encode()))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -76,8 +91,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):  # object stores have their own atomic puts
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        digest = atomic_write(path, lambda f: torch.save(checkpoint, f))
-        atomic_write(_checksum_path(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+        previous = _recorded_digests(path) if path.is_file() else []
+        # Before the rename both the old and the new digest are valid; after it, only the new one.
+        digest = atomic_write(path, lambda f: torch.save(checkpoint, f),
+                              before_rename=lambda new: _record_digests(path, [new, *previous]))
+        _record_digests(path, [digest])
 
     def remove_checkpoint(self, path: Any) -> None:
         super().remove_checkpoint(path)
@@ -85,20 +103,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Load `path` fully (plain data only) and check its checksum and contents; CheckpointError if unusable."""
+    """Check `path`'s recorded checksum, that it loads as plain data and holds a GAN run; CheckpointError if not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    recorded = _checksum_path(path)
-    if recorded.is_file():
-        expected = recorded.read_text().split()[0]
+    expected = _recorded_digests(path)
+    if expected:
         sha = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 sha.update(block)
-        if sha.hexdigest() != expected:
+        if sha.hexdigest() not in expected:
             raise CheckpointError(f"{path}: corrupt (sha256 {sha.hexdigest()[:12]}... differs from the "
-                                  f"{expected[:12]}... recorded when it was written)")
+                                  f"{expected[0][:12]}... recorded when it was written)")
     try:  # mmap: the tensors are mapped, not read; Lightning loads the file for real afterwards
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, not a checkpoint, pickled code

@@ -3,6 +3,7 @@ that fails the run after strategy.timeout_s, SIGTERM on one rank, and a resumed 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,9 @@ def test_two_nodes_restart_after_a_killed_worker_stop_on_sigterm_and_resume(tmp_
         (victim,) = _pids_with("RANK", "1", marker)
         os.kill(victim, signal.SIGKILL)
         _wait_for(lambda: "Resuming from" in log.read_text() or proc.poll() is not None, 240, "the restart")
-        resumed_at = verify_checkpoint(ckpts / "last.ckpt")["counters"]["images_seen"]
+        # last.ckpt, or the periodic file if the kill came between the two saves (resume=auto's fallback)
+        resumed_from = re.search(r"Resuming from (\S+\.ckpt)", log.read_text()).group(1)
+        resumed_at = verify_checkpoint(Path(resumed_from))["counters"]["images_seen"]
         _wait_for(lambda: max(verify_checkpoint(c)["counters"]["images_seen"] for c in ckpts.glob("kimg-*.ckpt"))
                   > resumed_at or proc.poll() is not None, 240, "training after the restart")
         assert proc.poll() is None, log.read_text()[-3000:]

@@ -44,6 +44,32 @@ def test_failure_during_a_save_keeps_the_previous_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
 
 
+@pytest.mark.parametrize("crash_at", ["checkpoint_rename", "checksum_rewrite"])
+def test_a_crash_between_the_two_renames_leaves_a_verifiable_checkpoint(tmp_path, monkeypatch, crash_at):
+    path = tmp_path / "last.ckpt"
+    _save(path, 1.0)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        target = Path(dst).name
+        if (crash_at == "checkpoint_rename" and target == "last.ckpt") or (
+                crash_at == "checksum_rewrite" and target == "last.ckpt.sha256" and path_is_new()):
+            raise OSError("killed")
+        real_replace(src, dst)
+
+    path_is_new = lambda: torch.load(path, weights_only=True)["counters"]["images_seen"] == 2  # noqa: E731
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="killed"):
+        _save(path, 2.0)
+    monkeypatch.undo()
+    # Before the checkpoint's rename the old file is there, after it the new one; either verifies.
+    expected = 1 if crash_at == "checkpoint_rename" else 2
+    assert verify_checkpoint(path)["counters"]["images_seen"] == expected
+    _save(path, 3.0)  # and the next save leaves one digest again
+    assert len((tmp_path / "last.ckpt.sha256").read_text().splitlines()) == 1
+    assert verify_checkpoint(path)["counters"]["images_seen"] == 3
+
+
 _SAVER = """
 import sys, torch
 from pathlib import Path
