@@ -22,8 +22,9 @@ class GANDDPStrategy(DDPStrategy):
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun's workers share the agent's TCPStore, and it outlives a restart (`--max-restarts`): the
             # restarted workers would read the gloo/NCCL addresses the dead ones published there and fail to
-            # connect (seen with torch 2.13, static and c10d rendezvous). A key prefix per restart keeps the
-            # rounds apart; Lightning's own setup then finds the group initialised.
+            # connect (seen with torch 2.13). A key prefix per restart keeps the rounds apart; Lightning's own
+            # setup then finds the group initialised. Every agent counts the restart under the static
+            # rendezvous; under c10d a membership change restarts workers without counting (see README).
             self.set_world_ranks()
             env = self.cluster_environment
             assert env is not None
