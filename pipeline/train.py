@@ -137,7 +137,8 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         plugins=[AtomicCheckpointIO()],  # a crash during a save leaves the previous checkpoint intact
         callbacks=[
             ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="kimg-{kimg:09.3f}", auto_insert_metric_name=False,
-                            save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, save_last=True),
+                            save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, save_last=True,
+                            enable_version_counter=False),  # last.ckpt is also written by Preemption: overwrite it
             SampleGrid(out_dir=run_dir / "samples", every_kimg=settings.sample_every_kimg,
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
                        seed=settings.sample_seed, standing_stats=settings.standing_stats),

@@ -179,7 +179,8 @@ class ShardDataModule(L.LightningDataModule):
         restored its loop progress before it builds the train loader: `epoch_progress.processed` counts
         finished epochs (a checkpoint from on_train_epoch_end already counts its epoch), and a checkpoint
         from inside an epoch (SIGTERM, on_train_batch_end) leaves the fit loop `restarting`, with the
-        batches it trained on in `batch_progress.processed`.
+        batches it trained on in `batch_progress.processed`. After the epoch's last batch Lightning goes on
+        to the next epoch without asking for a new iterator, so that one must be the next epoch's stream.
         """
         if self._start is not None:
             return self._start
@@ -188,6 +189,8 @@ class ShardDataModule(L.LightningDataModule):
         fit = self.trainer.fit_loop
         epoch = fit.epoch_progress.current.processed
         batches = fit.epoch_loop.batch_progress.current.processed if fit.restarting else 0
+        if batches >= self.batches_per_epoch:  # saved after the epoch's last batch, before its end: the next one
+            return epoch + 1, 0
         return epoch, batches
 
     def train_dataloader(self) -> wds.WebLoader:

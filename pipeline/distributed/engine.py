@@ -99,11 +99,12 @@ class TorchEngine:
         params = [p for p in self.net.parameters() if p.requires_grad]
         all_reduce_grads(params)
         self.scaler.unscale_(self.optimizer)  # a no-op without a scaler
+        norm = None  # the total gradient norm, when clipping has computed it already
         if self.precision.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.precision.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.precision.grad_clip)
         if not self.precision.scaled:
             # The gradients were all-reduced, so a NaN on any rank is a NaN here: every rank decides alike.
-            applied = grads_finite(params)
+            applied = grads_finite(params) if norm is None else bool(torch.isfinite(norm))
             if applied:
                 self.optimizer.step()
         else:

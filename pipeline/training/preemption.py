@@ -20,6 +20,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed.sync import world_size
+
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -59,7 +61,7 @@ class Preemption(L.Callback):
 
     def _any_rank_signalled(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.received_at is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -46,12 +46,14 @@ class _SigtermAfter(L.Callback):
 @pytest.mark.parametrize("model, stop, workers, precision", [
     ("stylegan2", "epoch_end", 0, "fp32"), ("stylegan2", "mid_epoch", 2, "fp32"), ("biggan", "mid_epoch", 0, "fp32"),
     ("biggan", "mid_epoch", 0, "fp16"),  # and the two loss scalers
+    ("biggan", "last_batch", 0, "fp32"),  # SIGTERM at the epoch's last batch, before its periodic checkpoint
 ])
 def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_path, shard_cache, model, stop, workers,
                                                                         precision):
     # 4 batches of 16 per checkpoint "epoch", 8 in all. Stopped at the end of epoch 0 (train.kimg), or by
     # SIGTERM after batch 1 of epoch 1, where the data stream must resume inside an epoch (with 2 workers:
-    # the loader's round robin must restart at the right worker).
+    # the loader's round robin must restart at the right worker), or by SIGTERM after the last batch of
+    # epoch 0 (the stream must start epoch 1, and last.ckpt, written by the SIGTERM handler, be overwritten).
     base = SG2_TINY if model == "stylegan2" else TINY + ["~logger"]
     common = base + [f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}", f"data.num_workers={workers}",
                      f"precision={precision}",
@@ -61,10 +63,10 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
         run(compose_train(common + ["run.name=split", "train.kimg=0.064"]))
     else:
         with pytest.raises(SystemExit) as stopped:
-            run(compose_train(common + ["run.name=split"]), callbacks=[_SigtermAfter(5)])
+            run(compose_train(common + ["run.name=split"]), callbacks=[_SigtermAfter(5 if stop == "mid_epoch" else 3)])
         assert stopped.value.code == 143
     half = verify_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
-    assert half["counters"]["d_step"] == (4 if stop == "epoch_end" else 6)
+    assert half["counters"]["d_step"] == (6 if stop == "mid_epoch" else 4)
     if precision == "fp16":  # the scalers moved (this model overflows at 2^16), so resuming them matters
         scales = {n: half["engines"][n]["scaler"]["scale"] for n in "GD"}
         assert scales["G"] != scales["D"] and all(s < 2.0**16 for s in scales.values()), scales
