@@ -89,8 +89,9 @@ def check_targets(cfg: DictConfig, prefix: str = "") -> None:
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and "_target_" in node:
             continue
-        value = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) \
-            else cfg[key]
+        value = cfg[key]  # an interpolation (`${schedule.resolutions}`) resolves to a config node too
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
         annotation = hints.get(key, params[key].annotation)
         if isinstance(annotation, str):  # unresolved string annotation
             continue

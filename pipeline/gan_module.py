@@ -26,6 +26,7 @@ from pipeline.losses.adversarial import get_loss
 from pipeline.losses.regularizers import orthogonal_penalty, path_length_penalty, r1_penalty
 from pipeline.training.ema import EMAHalfLife, EMASchedule, update_ema
 from pipeline.training.objective import Objective
+from pipeline.training.progressive import GrowthSchedule, Stage
 from pipeline.training.sampling import FakeLabels
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -38,7 +39,7 @@ class GAN(L.LightningModule):
                  objective: Objective, ema: EMASchedule | EMAHalfLife, kimg: float,
                  class_probs: list[float] | None = None, fake_labels: FakeLabels = FakeLabels(), seed: int = 0,
                  backend: DDPBackend | DeepSpeedBackend = DDPBackend(), precision: Precision = Precision(),
-                 config: dict | None = None) -> None:
+                 schedule: GrowthSchedule | None = None, config: dict | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
         self.G, self.D = G, D
@@ -64,6 +65,10 @@ class GAN(L.LightningModule):
         self.d_step = 0
         self.g_step = 0
         self.label_draws = 0  # batches of fake labels drawn: with the seed, the key of the next grouped draw
+        # Progressive growing: the stage is a function of images_seen, applied to G, D and G_ema before every step.
+        self.schedule = schedule or GrowthSchedule(resolutions=[G.resolution])
+        self._base_lr: dict[str, list[tuple[dict, float]]] = {}  # per-stage lrs scale the optimizers' own
+        self.stage = self._grow()
 
     # ---- Lightning plumbing -------------------------------------------------------------------
     def configure_optimizers(self) -> None:
@@ -74,12 +79,37 @@ class GAN(L.LightningModule):
                                      self.precision, device),
             "D": self.backend.engine("D", self.D, _make_optimizer(self.d_opt_factory, self.D, self.objective.r1),
                                      self.precision, device)}
+        for name, factory in (("G", self.g_opt_factory), ("D", self.d_opt_factory)):
+            self._base_lr[name] = self._lr_groups(name, factory)
         for name, state in (self._engine_state or {}).items():
             self.engines[name].load_state_dict(state)
         self._engine_state = None
         if self._rng_state is not None:  # after the engines: building them may draw random numbers
             _restore_rng_state(self._rng_state)
             self._rng_state = None
+
+    def _lr_groups(self, name: str, factory: OptimizerFactory) -> list[tuple[dict, float]]:
+        """(param group, its lr relative to the configured one): a stage's lr keeps the lazy-regularization factor."""
+        if self.schedule.lr(name, 0) is None:
+            return []
+        configured = getattr(factory, "keywords", {}).get("lr")
+        if not configured:
+            key = "g_opt" if name == "G" else "d_opt"
+            raise ValueError(f"schedule.{name.lower()}_lr needs model.{key}.lr set in the optimizer config")
+        return [(group, group["lr"] / configured) for group in self.engines[name].optimizer.param_groups]
+
+    def _grow(self) -> Stage:
+        """Set the stage of the step about to be taken: resolution and alpha of G, D, G_ema, and the stage's lrs."""
+        stage = self.schedule.at(self.images_seen)
+        if self.schedule.progressive:
+            self.G.set_growth(stage.resolution, stage.alpha)
+            self.D.set_growth(stage.resolution, stage.alpha)
+            # Samples and metrics compare G_ema at the final size, whatever the stage.
+            self.G_ema.set_growth(stage.resolution, stage.alpha, output_resolution=self.schedule.final_resolution)
+        for name, groups in self._base_lr.items():
+            for group, relative in groups:
+                group["lr"] = self.schedule.lr(name, stage.index) * relative
+        return stage
 
     def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(n, self.G.z_dim, device=self.device)
@@ -100,6 +130,9 @@ class GAN(L.LightningModule):
     # ---- the algorithm ------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x_real, y_real = batch  # (B, C, H, W) in [-1, 1], (B,)
+        self.stage = self._grow()
+        if x_real.shape[-1] != self.stage.resolution:  # reals at the stage's size, with D's anti-aliasing filter
+            x_real = self.D.resize(x_real, self.stage.resolution)
         g, d = self.engines["G"], self.engines["D"]
         B = x_real.shape[0]
         obj = self.objective
@@ -168,6 +201,9 @@ class GAN(L.LightningModule):
             self.g_step += 1
             self.log("loss/G", loss_g.detach(), on_step=True, prog_bar=True)
 
+        if self.schedule.progressive:
+            self.log_dict({"progress/stage": float(self.stage.index), "progress/alpha": self.stage.alpha,
+                           "progress/resolution": float(self.stage.resolution)}, on_step=True, prog_bar=False)
         self.log_dict({"progress/kimg": self.images_seen / 1000.0,
                        "lr/G": float(g.optimizer.param_groups[0]["lr"]),
                        "lr/D": float(d.optimizer.param_groups[0]["lr"]),
@@ -186,12 +222,17 @@ class GAN(L.LightningModule):
                                   "label_draws": self.label_draws}
         checkpoint["rng"] = _gather_rng_states()
         checkpoint["engines"] = {name: engine.state_dict() for name, engine in self.engines.items()}
+        # Where the next step trains (recomputed from images_seen on resume; recorded for gan-eval and readers).
+        stage = self.schedule.at(self.images_seen)
+        checkpoint["growth"] = {"stage": stage.index, "resolution": stage.resolution, "alpha": stage.alpha,
+                                "final_resolution": self.schedule.final_resolution}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint["counters"]
         self.images_seen, self.d_step, self.g_step = (counters["images_seen"], counters["d_step"],
                                                       counters["g_step"])
         self.label_draws = counters.get("label_draws", 0)
+        self.stage = self._grow()  # G_ema samples at the resumed stage before the first step
         # Optimizers, loss scalers and RNG states wait for configure_optimizers: Lightning restores the modules
         # before it builds the optimizers, and the engines do not exist yet. Checkpoints from before the engines kept the two optimizers in Lightning's list.
         self._engine_state = checkpoint.get("engines") or {

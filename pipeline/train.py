@@ -30,7 +30,9 @@ from pipeline.training.checkpoints import AtomicCheckpointIO, CheckpointError, f
 from pipeline.training.host_memory import keep_freed_memory
 from pipeline.training.network_stats import NetworkStats
 from pipeline.training.preemption import Preemption
+from pipeline.training.progressive import GrowthSchedule
 from pipeline.training.sampling import FakeLabels
+from pipeline.training.settings import TrainSettings
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
 # The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
@@ -75,6 +77,22 @@ def _check_precision(cfg: DictConfig, precision: Precision) -> None:
                           "or precision.scope=global")
 
 
+def _build_schedule(cfg: DictConfig, settings: TrainSettings) -> GrowthSchedule:
+    """`schedule.*`: it must end at the data's resolution, and the run must reach its last stage."""
+    schedule = build(cfg, "schedule")
+    if schedule.final_resolution != cfg.data.resolution:
+        n = len(schedule.resolutions)
+        example = ",".join(str(cfg.data.resolution >> k) for k in range(n - 1, -1, -1))
+        raise ConfigError(f"schedule.resolutions={schedule.resolutions} must end at data.resolution="
+                          f"{cfg.data.resolution}: e.g. schedule.resolutions=[{example}]")
+    last = schedule.stage_starts_kimg[-1]
+    if last >= settings.kimg:
+        raise ConfigError(f"train.kimg={settings.kimg} ends before the last stage ({schedule.final_resolution}x"
+                          f"{schedule.final_resolution}) begins at {last:g} kimg: raise train.kimg or lower "
+                          "schedule.stage_kimg")
+    return schedule
+
+
 def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[Path, GAN]:
     """Train as `cfg` says; returns the run directory and the trained module. `callbacks` are added (tests, benchmarks)."""
     check_targets(cfg)
@@ -92,9 +110,12 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     _check_precision(cfg, precision)
     if settings.keep_host_memory:
         keep_freed_memory()
+    schedule = _build_schedule(cfg, settings)
     global_batch = cfg.data.batch_size * world
     batches_per_epoch = max(1, round(settings.ckpt_every_kimg * 1000 / global_batch))  # one "epoch" per checkpoint
-    datamodule = build(cfg, "data", batches_per_epoch=batches_per_epoch)
+    plan = schedule.batch_plan(cfg.data.batch_size, world)  # per-stage batch sizes, by global batch index
+    datamodule = build(cfg, "data", batches_per_epoch=batches_per_epoch,
+                       batch_plan=[(p.first_batch, p.batch_size) for p in plan] if schedule.batch_size else None)
     try:  # validates data.* against the shard manifest before anything heavy is built
         datamodule.setup("fit")
     except ValueError as e:  # the message names the data.* key and the value that fixes it
@@ -105,7 +126,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
     try:
         gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
                   objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
-                  class_probs=class_probs, seed=cfg.seed, backend=backend, precision=precision,
+                  class_probs=class_probs, seed=cfg.seed, backend=backend, precision=precision, schedule=schedule,
                   fake_labels=build(cfg, "model.fake_labels") if cfg.model.get("fake_labels") else FakeLabels(),
                   config=OmegaConf.to_container(cfg, resolve=True))
     except ValueError as e:  # model/objective combinations that cannot work; the message names the key
@@ -126,7 +147,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         logger.log_hyperparams(gan.config)
 
     metrics = build(cfg, "metrics") if cfg.get("metrics") else None  # metrics=none composes to an empty node
-    total_batches = math.ceil(settings.kimg * 1000 / global_batch)
+    total_batches = schedule.num_batches(round(settings.kimg * 1000), cfg.data.batch_size, world)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices if world == 1 else world // cfg.trainer.num_nodes,
         num_nodes=cfg.trainer.num_nodes, strategy=backend.lightning_strategy(world),

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -62,3 +65,20 @@ def wandb_records(run_dir: Path, kind: str = "history") -> list[dict]:
             if rec.get("type") == kind:
                 records.append(rec["history"]["item"] if kind == "history" else rec[kind])
     return records
+
+
+class SigtermAfter(L.Callback):
+    """Sends this process SIGTERM after D step `d_step`; the Preemption callback stops the run one batch later."""
+
+    def __init__(self, d_step: int) -> None:
+        self.d_step = d_step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.d_step == self.d_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def checkpoint_weights(path) -> dict[str, torch.Tensor]:
+    """G's, D's and G_ema's tensors of a checkpoint."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("G.", "D.", "G_ema."))}

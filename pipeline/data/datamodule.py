@@ -4,6 +4,7 @@ import hashlib
 import io
 import itertools
 import random
+from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -12,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.shards import ensure_shards, read_manifest
+from pipeline.training.progressive import batch_size_at
 
 
 def _mix(*values: int) -> int:
@@ -29,19 +31,32 @@ class _Stream:
     made before the checkpoint, as raw samples (nothing decoded).
     """
 
-    def __init__(self, *, seed: int, rank: int, first_epoch: int, trained: int, batch_size: int) -> None:
+    def __init__(self, *, seed: int, rank: int, first_epoch: int, trained: int, batch_size: int,
+                 batches_per_epoch: int, batch_plan: list[tuple[int, int]] | None = None) -> None:
         self.base_seed, self.rank = seed, rank  # the rank is fixed in the main process, the worker read in it
         self.first_epoch, self.trained, self.batch_size = first_epoch, trained, batch_size
+        self.batches_per_epoch, self.plan = batches_per_epoch, batch_plan or [(0, batch_size)]
         self.epoch = first_epoch - 1
-        self.worker, self.skip = 0, 0
+        self.worker, self.workers, self.skipped_batches = 0, 1, 0
 
     def begin_epoch(self) -> None:
         self.epoch += 1
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, self.workers = (info.id, info.num_workers) if info is not None else (0, 1)
         resumed = self.epoch == self.first_epoch and self.trained > 0
-        self.worker = (worker + self.trained) % workers if resumed else worker
-        self.skip = -(-max(0, self.trained - self.worker) // workers) * self.batch_size if resumed else 0
+        self.worker = (worker + self.trained) % self.workers if resumed else worker
+        self.skipped_batches = -(-max(0, self.trained - self.worker) // self.workers) if resumed else 0
+
+    def batch_sizes(self) -> Iterator[int]:
+        """Sizes of this worker's batches of the epoch, skipped ones first: it makes the epoch's batches
+        worker, worker + W, worker + 2W, ..., each as large as the schedule's plan says for that global batch."""
+        first = self.epoch * self.batches_per_epoch + self.worker
+        return (batch_size_at(self.plan, first + n * self.workers) for n in itertools.count())
+
+    @property
+    def skip(self) -> int:
+        """Samples of the batches this worker made before the checkpoint, in this epoch."""
+        return sum(itertools.islice(self.batch_sizes(), self.skipped_batches))
 
     def seed(self) -> int:
         # Not webdataset's rank * 1000 + worker: its make_seed is linear (961 * worker_seed + 31 * epoch + seed),
@@ -105,6 +120,22 @@ def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
+class _PlannedBatches:
+    """Batches whose sizes follow the stream's plan (per-stage batch sizes of progressive growing)."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+
+    def __call__(self, src):
+        sizes = itertools.islice(self.stream.batch_sizes(), self.stream.skipped_batches, None)
+        src = iter(src)
+        for size in sizes:
+            samples = list(itertools.islice(src, size))
+            if len(samples) < size:
+                return
+            yield _collate(samples)
+
+
 class ShardDataModule(L.LightningDataModule):
     """Endless stream of (x (B, C, H, W) in [-1, 1], y (B,) long) batches from gan-shards shards.
 
@@ -115,7 +146,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def __init__(self, *, name: str, source: str = "digits", cache_dir: str, resolution: int, channels: int,
                  num_classes: int, batch_size: int, num_workers: int = 1, shuffle_buffer: int = 1000, seed: int = 0,
-                 batches_per_epoch: int = 1000) -> None:
+                 batches_per_epoch: int = 1000, batch_plan: list[tuple[int, int]] | None = None) -> None:
         super().__init__()
         for key, value, least in (("batch_size", batch_size, 1), ("batches_per_epoch", batches_per_epoch, 1),
                                   ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 0)):
@@ -125,6 +156,8 @@ class ShardDataModule(L.LightningDataModule):
         self.resolution, self.channels, self.num_classes = resolution, channels, num_classes
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.seed, self.batches_per_epoch = seed, batches_per_epoch
+        # (first global batch, batch size) of each progressive stage; None: batch_size throughout.
+        self.batch_plan = [tuple(p) for p in batch_plan] if batch_plan else None
         self.manifest: dict | None = None
         self.shard_dir = None
         self._start: tuple[int, int] | None = None
@@ -202,7 +235,8 @@ class ShardDataModule(L.LightningDataModule):
         # node/worker splitter is needed.
         first_epoch, trained = self._start_position()
         stream = _Stream(seed=self.seed, rank=wds.utils.pytorch_worker_info()[0], first_epoch=first_epoch,
-                         trained=trained, batch_size=self.batch_size)
+                         trained=trained, batch_size=self.batch_size, batches_per_epoch=self.batches_per_epoch,
+                         batch_plan=self.batch_plan)
         pipeline = wds.DataPipeline(
             _ShardDraw(urls, stream),
             wds.tarfile_to_samples(),
@@ -210,7 +244,8 @@ class ShardDataModule(L.LightningDataModule):
             _SkipTrained(stream),
             wds.to_tuple("png", "cls"),
             wds.map_tuple(_decode_png, int),
-            wds.batched(self.batch_size, collation_fn=_collate, partial=False),
+            _PlannedBatches(stream) if self.batch_plan else wds.batched(self.batch_size, collation_fn=_collate,
+                                                                         partial=False),
         )
         # The DataLoader draws its workers' base seed at every iter(), from the global torch RNG unless it has a
         # generator of its own. That draw would shift the latents of a run resumed inside an epoch (its RNG

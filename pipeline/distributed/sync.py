@@ -25,16 +25,27 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
     if n == 1:
         return
     params = [p for p in params if p.requires_grad]
-    for p in params:  # a parameter unused on this step still takes part, so buckets line up across ranks
+    if not params:
+        return
+    # A parameter unused on this rank takes part with zeros, so the buffers line up across ranks. One unused
+    # on *every* rank (a layer progressive growing has not reached yet) keeps grad None, as in one process:
+    # torch's Adam then leaves its state alone instead of counting steps whose bias correction would
+    # inflate the layer's first real updates. The used-flags ride along in the same all-reduce.
+    used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [used.to(params[0].grad.dtype)])
     dist.all_reduce(flat)
+    used_anywhere = flat[-len(params):] > 0
     flat /= n
     offset = 0
-    for p in params:
+    for p, keep in zip(params, used_anywhere.tolist()):
         numel = p.numel()
-        p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
+        if keep:
+            p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
+        else:
+            p.grad = None
         offset += numel
 
 

@@ -49,6 +49,10 @@ def build_generator(ckpt: dict[str, Any], *, use_g: bool = False, where: str = "
     except RuntimeError as e:
         raise EvalError(f"{where}: the {prefix}* weights do not fit the generator its config builds: "
                         f"{str(e).splitlines()[0]}") from None
+    growth = ckpt.get("growth")
+    if growth and hasattr(G, "set_growth") and (growth["resolution"] != G.resolution or growth["alpha"] < 1):
+        # A checkpoint from inside a progressive run: sample at its stage, upsampled to the final size.
+        G.set_growth(growth["resolution"], growth["alpha"], output_resolution=G.resolution)
     return G.eval().requires_grad_(False)
 
 

@@ -17,10 +17,16 @@ class RecordBatches(L.Callback):
 
     def __init__(self) -> None:
         self.hashes: list[str] = []
+        self.resolutions: list[int] = []  # the resolution each step trained at (progressive growing)
+        self.g_lrs: list[float] = []  # G's lr at each step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         x, y = batch
         self.hashes.append(hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest())
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.resolutions.append(pl_module.D.active_resolution)
+        self.g_lrs.append(float(pl_module.engines["G"].optimizer.param_groups[0]["lr"]))
 
 
 def main() -> None:
@@ -30,7 +36,8 @@ def main() -> None:
     _, gan = run(cfg, callbacks=[rec])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"G": gan.G.state_dict(), "D": gan.D.state_dict(), "G_ema": gan.G_ema.state_dict(),
-                "batches": rec.hashes, "images_seen": gan.images_seen}, out / f"rank{rank}.pt")
+                "batches": rec.hashes, "images_seen": gan.images_seen, "resolutions": rec.resolutions,
+                "g_lrs": rec.g_lrs}, out / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,31 @@ def test_fp16_overflow_on_one_rank_skips_ds_step_on_every_rank(tmp_path):
         assert any(not torch.equal(v, r["after_skip"][k]) for k, v in r["before"].items() if k.startswith("G."))
     for key, value in r0["end"].items():  # and the ranks still agree, after one more (clean) step
         assert torch.equal(value, r1["end"][key]), key
+
+
+def test_gradients_unused_on_every_rank_stay_none_and_unused_on_one_count_as_zero(tmp_path):
+    proc = _torchrun(["tests/distributed/grads_worker.py", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for r in (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)):
+        torch.testing.assert_close(r["both"], torch.full((3,), 1.5))  # (1 + 2) / 2
+        torch.testing.assert_close(r["one"], torch.full((3,), 2.0))  # (4 + 0) / 2
+        assert r["none"] is None  # Adam leaves a layer that no rank used alone, as in one process
+
+
+def test_two_ranks_grow_through_stage_changes_with_identical_weights(tmp_path, shard_cache):
+    # Global batches of 2 x 16 (8x8) then 2 x 8: 16x16 from 0.064 kimg (fading until 0.096), 32x32 from 0.128.
+    overrides = TINY + ["schedule=progressive", "schedule.stage_kimg=0.064", "schedule.fade_kimg=0.032",
+                        "schedule.batch_size=[16,8,8]", "train.kimg=0.192", "~logger", "run.name=grow",
+                        f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}", "model.ema.start_step=1",
+                        "train.sample_every_kimg=1", "train.ckpt_every_kimg=1"]
+    proc = _torchrun(["tests/distributed/ddp_worker.py", str(tmp_path), *overrides], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["images_seen"] == r1["images_seen"] == 192
+    assert len(r0["batches"]) == len(r1["batches"]) == 2 + 8  # 64 images in batches of 32, then 128 in 16s
+    assert r0["resolutions"] == r1["resolutions"] == [8, 8, 16, 16, 16, 16, 32, 32, 32, 32]
+    for net in ("G", "D", "G_ema"):
+        assert r0[net].keys() == r1[net].keys() and any(".stage_" in f".{k}" for k in r0[net])
+        for k in r0[net]:
+            assert torch.equal(r0[net][k], r1[net][k]), f"{net}.{k} differs between ranks"
+    assert not set(r0["batches"]) & set(r1["batches"]), "ranks trained on the same batches"

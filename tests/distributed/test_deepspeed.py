@@ -50,3 +50,20 @@ def test_gan_train_under_deepspeed_trains_checkpoints_and_resumes(tmp_path, shar
     for net in ("G", "D", "G_ema"):
         for key, value in r0[net].items():
             assert torch.equal(value, r1[net][key]), f"{net}.{key}"
+
+
+def test_deepspeed_grows_through_stage_changes_with_per_stage_lrs(tmp_path, shard_cache):
+    # Layers not grown yet have no gradient; ZeRO-2's gradient partitions must still line up on both ranks.
+    common = TINY + ["~logger", "run.name=grow", f"paths.output_dir={tmp_path}", f"paths.cache_dir={shard_cache}",
+                     "strategy=deepspeed", "strategy.zero_stage=2", "precision=bf16", "train.kimg=0.192",
+                     "schedule=progressive", "schedule.stage_kimg=0.064", "schedule.fade_kimg=0.032",
+                     "schedule.g_lr=[1e-3,5e-4,2.5e-4]", "train.sample_every_kimg=1", "train.ckpt_every_kimg=1",
+                     "model.ema.start_step=1"]
+    proc = _torchrun(["tests/distributed/ddp_worker.py", str(tmp_path), *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["resolutions"] == [8, 8, 16, 16, 32, 32]  # global batches of 2 x 16
+    assert r0["g_lrs"] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4])
+    for net in ("G", "D", "G_ema"):
+        for key, value in r0[net].items():
+            assert torch.equal(value, r1[net][key]), f"{net}.{key}"

@@ -7,13 +7,12 @@ import subprocess
 import sys
 import time
 
-import lightning as L
 import pytest
 import torch
 
 from pipeline.train import run
 from pipeline.training.checkpoints import verify_checkpoint
-from tests.conftest import ROOT, TINY, compose_train
+from tests.conftest import ROOT, TINY, SigtermAfter, checkpoint_weights, compose_train
 
 TRAIN = [sys.executable, "-m", "pipeline.train"]
 SG2_TINY = ["model=stylegan2", "model.generator.channel_max=16", "model.discriminator.channel_max=16",
@@ -25,22 +24,6 @@ def _gan_train(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(TRAIN + args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **kwargs)
-
-
-def _weights(path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=True)["state_dict"]
-    return {k: v for k, v in state.items() if k.startswith(("G.", "D.", "G_ema."))}
-
-
-class _SigtermAfter(L.Callback):
-    """Sends this process SIGTERM after D step `d_step`; the Preemption callback stops the run one batch later."""
-
-    def __init__(self, d_step: int) -> None:
-        self.d_step = d_step
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.d_step == self.d_step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("model, stop, workers, precision", [
@@ -63,7 +46,7 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
         run(compose_train(common + ["run.name=split", "train.kimg=0.064"]))
     else:
         with pytest.raises(SystemExit) as stopped:
-            run(compose_train(common + ["run.name=split"]), callbacks=[_SigtermAfter(5 if stop == "mid_epoch" else 3)])
+            run(compose_train(common + ["run.name=split"]), callbacks=[SigtermAfter(5 if stop == "mid_epoch" else 3)])
         assert stopped.value.code == 143
     half = verify_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
     assert half["counters"]["d_step"] == (6 if stop == "mid_epoch" else 4)
@@ -71,8 +54,8 @@ def test_a_stopped_and_resumed_run_ends_identical_to_an_uninterrupted_one(tmp_pa
         scales = {n: half["engines"][n]["scaler"]["scale"] for n in "GD"}
         assert scales["G"] != scales["D"] and all(s < 2.0**16 for s in scales.values()), scales
     run(compose_train(common + ["run.name=split", "resume=auto"]))
-    a = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = _weights(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    a = checkpoint_weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = checkpoint_weights(tmp_path / "split" / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys() and any(k.startswith("G_ema.") for k in a)
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-6, worst

@@ -148,3 +148,19 @@ def test_unconditional_rgb_folder(tmp_path):
     x, y = first_batches(dm, 1)[0]
     assert x.shape == (2, 3, 8, 8) and y.tolist() == [0, 0]
     assert dm.class_names == [] and dm.label_frequencies().shape == (0,)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_per_stage_batch_sizes_follow_the_plan_and_resume_inside_an_epoch(cache_dir, workers):
+    # Progressive growing's per-stage batch sizes: global batches 0-2 hold 32, 3-6 hold 16, 7 on 8.
+    plan = [(0, 32), (3, 16), (7, 8)]
+    loader = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5, batch_plan=plan).train_dataloader()
+    epoch0, epoch1 = list(loader), list(loader)
+    assert [len(y) for _, y in epoch0 + epoch1] == [32, 32, 32, 16, 16, 16, 16, 8, 8, 8]
+    resumed = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5, batch_plan=plan)
+    resumed.start_at(0, 3)  # stopped after the three batches of 32: the rest of the epoch is the same
+    loader = resumed.train_dataloader()
+    assert same(list(itertools.islice(loader, 2)), epoch0[3:])
+    assert same(list(loader), epoch1)
+    constant = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5, batch_plan=[(0, 32)])
+    assert same(first_batches(constant, 3), first_batches(make_dm(cache_dir, num_workers=workers), 3))

@@ -14,8 +14,9 @@ BATCH = 4
 
 
 def _compose_model(name: str, extra: tuple[str, ...] = ()):
-    """Compose conf/model/<name>.yaml with Hydra under a minimal `data` node."""
-    overrides = [f"+model={name}"] + [f"+data.{key}={value}" for key, value in DATA.items()] + list(extra)
+    """Compose conf/model/<name>.yaml with Hydra under a minimal `data` node and the fixed schedule."""
+    overrides = ([f"+model={name}", "+schedule=fixed"] + [f"+data.{key}={value}" for key, value in DATA.items()]
+                 + list(extra))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(overrides=overrides)
 

@@ -2,12 +2,14 @@
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.layers.attention import SelfAttention
 from pipeline.layers.spectral import SNLayers
 from pipeline.models.biggan.blocks import DBlock, check_attn_resolutions
+from pipeline.models.growth import Growable, check_growth_resolutions
 
 # resolution -> (block output widths in multiples of `ch`, whether each block halves the resolution).
 # 32..256 are BigGAN-PyTorch's D tables (512 its BigGAN-deep-sized one); block inputs are
@@ -23,8 +25,14 @@ D_ARCH: dict[int, tuple[tuple[int, ...], tuple[bool, ...]]] = {
 }
 
 
-class Discriminator(nn.Module):
-    """D(x, y) -> one logit per image; num_classes == 0 drops the projection term."""
+class Discriminator(Growable):
+    """D(x, y) -> one logit per image; num_classes == 0 drops the projection term.
+
+    growth_resolutions (progressive growing): at active resolution r the image enters at the first block whose
+    input is r, through a 1x1 fromRGB conv (the raw image at the full resolution, as before). During a
+    fade-in that block's output is blended with fromRGB_{r/2} of the downsampled image:
+    (1 - alpha) * fromRGB_{r/2}(down(x)) + alpha * block_r(fromRGB_r(x)).
+    """
 
     def __init__(
         self,
@@ -37,6 +45,8 @@ class Discriminator(nn.Module):
         sn_iters: int = 1,
         sn_eps: float = 1e-6,
         init: str = "ortho",
+        growth_resolutions: Sequence[int] | None = None,
+        resample_filter: Sequence[float] = (1, 3, 3, 1),
     ) -> None:
         super().__init__()
         if resolution not in D_ARCH:
@@ -47,12 +57,15 @@ class Discriminator(nn.Module):
         multipliers, downsample = D_ARCH[resolution]
         out_widths = [ch * m for m in multipliers]
         in_widths = [channels] + out_widths[:-1]
-        block_resolutions = []
+        block_resolutions, block_inputs = [], []
         r = resolution
         for down in downsample:
+            block_inputs.append(r)
             r = r // 2 if down else r
             block_resolutions.append(r)
         attn = check_attn_resolutions(attn_resolutions, block_resolutions)
+        self.init_growth(check_growth_resolutions(growth_resolutions, resolution, block_inputs), resample_filter)
+        self.entry = {r: block_inputs.index(r) for r in self.growth_resolutions}  # first block fed at r
 
         self.resolution = resolution
         self.channels = channels
@@ -70,6 +83,9 @@ class Discriminator(nn.Module):
             SelfAttention(c, layers=layers) if i in attn_after else nn.Identity()
             for i, c in enumerate(out_widths)
         )
+        # fromRGB of the lower growth resolutions (none for a fixed schedule: the keys stay as they were).
+        self.stage_from_rgb = nn.ModuleDict({str(r): layers.conv(channels, in_widths[self.entry[r]], 1)
+                                             for r in self.growth_resolutions[:-1]})
         self.linear = layers.linear(out_widths[-1], 1)
         # Projection discriminator (Miyato & Koyama 2018, eq. 3): logit += <embed(y), phi(x)>.
         self.embed = layers.embedding(num_classes, out_widths[-1]) if num_classes > 0 else None
@@ -78,8 +94,15 @@ class Discriminator(nn.Module):
         """x: (N, channels, res, res), y: (N,) long labels (ignored if unconditional) -> logits (N,)."""
         if self.embed is not None and y is None:
             raise ValueError(f"this Discriminator is class-conditional (num_classes={self.num_classes}); pass labels y")
-        h = x
-        for block, attn in zip(self.blocks, self.attn):
+        r = self.active_resolution
+        first = self.entry[r]
+        h = x if r == self.resolution else self.stage_from_rgb[str(r)](x)
+        for i, (block, attn) in enumerate(zip(self.blocks, self.attn)):
+            if i < first:
+                continue
+            if self.fading and i == self.entry[r // 2]:  # the new layers' features, blended in
+                old = self.stage_from_rgb[str(r // 2)](self.resize(x, r // 2))
+                h = torch.lerp(old.to(h.dtype), h, self.alpha)  # dtypes differ under autocast
             h = attn(block(h))  # (N, C_i, H_i, W_i)
         # ReLU then global *sum* pooling, as BigGAN: phi(x) of the projection paper.
         h = F.relu(h).sum(dim=(2, 3))  # (N, C)

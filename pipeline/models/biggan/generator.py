@@ -10,6 +10,7 @@ from pipeline.layers.attention import SelfAttention
 from pipeline.layers.conditional_norm import CBNOptions, ConditionalBatchNorm2d
 from pipeline.layers.spectral import SNLayers, init_weights
 from pipeline.models.biggan.blocks import GBlock, check_attn_resolutions
+from pipeline.models.growth import Growable, check_growth_resolutions
 
 # Block output widths in multiples of `ch`, keyed by the number of up-blocks
 # k = log2(resolution / bottom_width). Input widths are (out[0],) + out[:-1]. With bottom_width 4,
@@ -36,8 +37,13 @@ def num_up_blocks(resolution: int, bottom_width: int) -> int:
     return by_resolution[resolution]
 
 
-class Generator(nn.Module):
-    """G(z, y) -> image in [-1, 1]; num_classes == 0 makes it unconditional."""
+class Generator(Growable):
+    """G(z, y) -> image in [-1, 1]; num_classes == 0 makes it unconditional.
+
+    growth_resolutions (progressive growing): each block output resolution listed gets its own toRGB head
+    (BN -> ReLU -> conv3x3 -> tanh, like the final one). At active resolution r with alpha < 1 the output is
+    (1 - alpha) * upsample(toRGB_{r/2}) + alpha * toRGB_r; blocks above r do not run.
+    """
 
     def __init__(
         self,
@@ -58,6 +64,8 @@ class Generator(nn.Module):
         cbn_stats: str = "pooled",
         cbn_min_count: int = 2,
         cbn_fallback: str = "running",
+        growth_resolutions: Sequence[int] | None = None,
+        resample_filter: Sequence[float] = (1, 3, 3, 1),
     ) -> None:
         super().__init__()
         num_blocks = num_up_blocks(resolution, bottom_width)
@@ -65,6 +73,8 @@ class Generator(nn.Module):
         in_widths = [out_widths[0]] + out_widths[:-1]
         block_resolutions = [bottom_width * 2 ** (i + 1) for i in range(num_blocks)]
         attn = check_attn_resolutions(attn_resolutions, block_resolutions)
+        self.init_growth(check_growth_resolutions(growth_resolutions, resolution, block_resolutions), resample_filter)
+        self.block_resolutions = block_resolutions
         # Hierarchical z (BigGAN sec. 4 / fig. 15): one chunk for the input linear, one per block.
         if hier and z_dim % (num_blocks + 1) != 0:
             raise ValueError(
@@ -98,9 +108,15 @@ class Generator(nn.Module):
             for c, r in zip(out_widths, block_resolutions)
         )
         # The output BN pools classes too, so per_class isolates it as well (a plain affine, no conditioning).
-        self.out_bn = (ConditionalBatchNorm2d(out_widths[-1], 0, eps=bn_eps, **cbn.kwargs()) if self.per_class_stats
-                       else nn.BatchNorm2d(out_widths[-1], eps=bn_eps))
+        make_bn = lambda c: (ConditionalBatchNorm2d(c, 0, eps=bn_eps, **cbn.kwargs())  # noqa: E731
+                             if self.per_class_stats else nn.BatchNorm2d(c, eps=bn_eps))
+        self.out_bn = make_bn(out_widths[-1])
         self.out_conv = layers.conv(out_widths[-1], channels, 3)
+        # toRGB heads of the lower growth resolutions (none for a fixed schedule: the keys stay as they were).
+        width_at = dict(zip(block_resolutions, out_widths))
+        self.stage_bn = nn.ModuleDict({str(r): make_bn(width_at[r]) for r in self.growth_resolutions[:-1]})
+        self.stage_conv = nn.ModuleDict({str(r): layers.conv(width_at[r], channels, 3)
+                                         for r in self.growth_resolutions[:-1]})
 
     def _split_latent(self, z: Tensor, y: Tensor | None) -> tuple[Tensor, list[Tensor | None]]:
         """z: (N, z_dim) -> input of the first linear and the cBN conditioning vector of each block."""
@@ -115,11 +131,27 @@ class Generator(nn.Module):
         conds = [zc if e is None else torch.cat([e, zc], dim=1) for zc in z_blocks]
         return z0, conds
 
+    def _to_rgb(self, h: Tensor, y: Tensor | None, resolution: int) -> Tensor:
+        """(N, C, r, r) features -> (N, channels, r, r) image in [-1, 1] through the head of resolution r."""
+        final = resolution == self.resolution
+        bn = self.out_bn if final else self.stage_bn[str(resolution)]
+        conv = self.out_conv if final else self.stage_conv[str(resolution)]
+        h = bn(h, None, y) if self.per_class_stats else bn(h)
+        return torch.tanh(conv(F.relu(h)))
+
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """z: (N, z_dim), y: (N,) long labels (ignored if unconditional) -> (N, channels, res, res)."""
+        """z: (N, z_dim), y: (N,) long labels (ignored if unconditional) -> (N, channels, r, r) at the active r."""
         z0, conds = self._split_latent(z, y)
         h = self.linear(z0).view(z.shape[0], -1, self.bottom_width, self.bottom_width)  # (N, C0, bw, bw)
-        for block, attn, cond in zip(self.blocks, self.attn, conds):
+        r, prev = self.active_resolution, None
+        for block, attn, cond, res in zip(self.blocks, self.attn, conds, self.block_resolutions):
             h = attn(block(h, cond, y))  # (N, C_i, 2H, 2W)
-        h = self.out_bn(h, None, y) if self.per_class_stats else self.out_bn(h)
-        return torch.tanh(self.out_conv(F.relu(h)))
+            if res == r // 2 and self.fading:
+                prev = h
+            if res == r:
+                break
+        img = self._to_rgb(h, y, r)
+        if prev is not None:  # fade-in: the previous stage's image, upsampled, blended out
+            old = self.resize(self._to_rgb(prev, y, r // 2), r)
+            img = torch.lerp(old.to(img.dtype), img, self.alpha)  # dtypes differ under autocast
+        return self.resize(img, self.output_resolution) if self.output_resolution else img

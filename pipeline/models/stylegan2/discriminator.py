@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.layers.equalized import EqualizedConv2d, EqualizedLinear
+from pipeline.models.growth import Growable, check_growth_resolutions
 from pipeline.models.stylegan2.mapping import normalize_2nd_moment
 from pipeline.models.stylegan2.synthesis import channels_at, fp16_autocast, fp16_resolution
 
@@ -49,14 +50,18 @@ class DBlock(nn.Module):
         return self.skip(x, gain=gain) + self.conv1(self.conv0(x), gain=gain)
 
 
-class Discriminator(nn.Module):
-    """D(x, y) -> logits (N,). Conditioning: <features, cmap(y)> / sqrt(cmap_dim) (projection, ADA style)."""
+class Discriminator(Growable):
+    """D(x, y) -> logits (N,). Conditioning: <features, cmap(y)> / sqrt(cmap_dim) (projection, ADA style).
+
+    growth_resolutions (progressive growing): at active resolution r the image enters through fromRGB_r into the
+    block at r; during a fade-in that block's output is blended with fromRGB_{r/2} of the downsampled image.
+    """
 
     def __init__(self, *, resolution: int, channels: int, num_classes: int, channel_base: int = 32768,
                  channel_max: int = 512, mbstd_group_size: int = 4, mbstd_channels: int = 1,
                  cmap_dim: int | None = None, cmap_layers: int = 2, resample_filter: list[float] = (1, 3, 3, 1),
                  conv_clamp: float | None = None, architecture: str = "resnet", channels_last: bool = False,
-                 num_fp16_res: int = 0) -> None:
+                 num_fp16_res: int = 0, growth_resolutions: list[int] | None = None) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} must be one of {ARCHITECTURES} "
@@ -71,6 +76,12 @@ class Discriminator(nn.Module):
         ch = lambda r: channels_at(r, channel_base, channel_max)  # noqa: E731
         self.from_rgb = EqualizedConv2d(channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp)
         block_resolutions = [2**i for i in range(int(log2), 2, -1)]
+        self.block_resolutions = block_resolutions
+        self.init_growth(check_growth_resolutions(growth_resolutions, resolution, block_resolutions), resample_filter)
+        # fromRGB of the lower growth resolutions (none for a fixed schedule: the keys stay as they were).
+        self.stage_from_rgb = nn.ModuleDict({
+            str(r): EqualizedConv2d(channels, ch(r), 1, activation="lrelu", conv_clamp=conv_clamp)
+            for r in self.growth_resolutions[:-1]})
         self.blocks = nn.ModuleList(
             DBlock(ch(r), ch(r // 2), resample_filter=list(resample_filter), conv_clamp=conv_clamp,
                    residual=architecture == "resnet")
@@ -90,10 +101,21 @@ class Discriminator(nn.Module):
             self.embed = EqualizedLinear(num_classes, self.cmap_dim)
             self.cmap = nn.ModuleList(EqualizedLinear(a, b, activation="lrelu") for a, b in zip(dims, dims[1:]))
 
+    def _from_rgb(self, x: Tensor, resolution: int) -> Tensor:
+        """Image (N, C, r, r) -> features (N, C_r, r, r) through the fromRGB of resolution r."""
+        layer = self.from_rgb if resolution == self.resolution else self.stage_from_rgb[str(resolution)]
+        use_fp16 = self.fp16_blocks[self.block_resolutions.index(resolution)] if self.num_fp16_res else False
+        with fp16_autocast(use_fp16, x.device.type):
+            return layer(x).contiguous(memory_format=self.memory_format)
+
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        with fp16_autocast(self.fp16_from_rgb, x.device.type):
-            h = self.from_rgb(x).contiguous(memory_format=self.memory_format)  # (N, C_R, R, R)
-        for block, use_fp16 in zip(self.blocks, self.fp16_blocks, strict=True):
+        r = self.active_resolution
+        h = self._from_rgb(x, r)  # (N, C_r, r, r)
+        for res, block, use_fp16 in zip(self.block_resolutions, self.blocks, self.fp16_blocks, strict=True):
+            if res > r:
+                continue
+            if self.fading and res == r // 2:  # the new layers' features, blended in
+                h = torch.lerp(self._from_rgb(self.resize(x, res), res).to(h.dtype), h, self.alpha)
             if not use_fp16 and self.num_fp16_res:
                 h = h.float()  # fp32 from the last fp16 block on
             with fp16_autocast(use_fp16, x.device.type):

@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from pipeline.models.growth import Growable, check_growth_resolutions
 from pipeline.models.stylegan2.mapping import MappingNetwork
 from pipeline.models.stylegan2.synthesis import SynthesisNetwork
 
 
-class Generator(nn.Module):
-    """G(z, y) -> images (N, C, R, R); `mapping` and `synthesis` are exposed for path length and truncation."""
+class Generator(Growable):
+    """G(z, y) -> images (N, C, r, r) at the active resolution r; `mapping` and `synthesis` are exposed for path
+    length and truncation. Progressive growing uses the toRGB every synthesis block already has."""
 
     def __init__(self, *, resolution: int, channels: int, num_classes: int, z_dim: int = 512, w_dim: int = 512,
                  mapping_layers: int = 8, mapping_lr_multiplier: float = 0.01, w_avg_beta: float = 0.995,
                  channel_base: int = 32768, channel_max: int = 512, resample_filter: list[float] = (1, 3, 3, 1),
                  conv_clamp: float | None = None, style_mixing_prob: float = 0.9, noise_mode: str = "random",
-                 channels_last: bool = False, num_fp16_res: int = 0) -> None:
+                 channels_last: bool = False, num_fp16_res: int = 0,
+                 growth_resolutions: list[int] | None = None) -> None:
         super().__init__()
         if not 0.0 <= style_mixing_prob <= 1.0:
             raise ValueError(f"style_mixing_prob={style_mixing_prob} must lie in [0, 1]")
@@ -26,6 +29,8 @@ class Generator(nn.Module):
                                           resample_filter=list(resample_filter), conv_clamp=conv_clamp,
                                           channels_last=channels_last, num_fp16_res=num_fp16_res)
         self.num_ws = self.synthesis.num_ws
+        self.init_growth(check_growth_resolutions(growth_resolutions, resolution,
+                                                  [r for r in self.synthesis.resolutions if r >= 8]), resample_filter)
         self.mapping = MappingNetwork(z_dim=z_dim, num_classes=num_classes, w_dim=w_dim, num_ws=self.num_ws,
                                       num_layers=mapping_layers, lr_multiplier=mapping_lr_multiplier,
                                       w_avg_beta=w_avg_beta)
@@ -49,5 +54,8 @@ class Generator(nn.Module):
         ws = self.mapping(z, y, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         if self.training and self.style_mixing_prob > 0:
             ws = self.mix_styles(ws, torch.randn_like(z), y)
-        img = self.synthesis(ws, noise_mode=self.noise_mode if self.training else "const")
+        img = self.synthesis(ws, noise_mode=self.noise_mode if self.training else "const",
+                             resolution=self.active_resolution, alpha=self.alpha if self.fading else 1.0)
+        if self.output_resolution:
+            img = self.resize(img, self.output_resolution)
         return (img, ws) if return_ws else img

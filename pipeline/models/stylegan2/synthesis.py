@@ -78,15 +78,17 @@ class SynthesisBlock(nn.Module):
         self.register_buffer("resample_filter", make_filter(resample_filter))
         self.num_ws = len(self.convs) + 1  # its convs, and toRGB (which shares its w with the next block's first conv)
 
-    def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: str) -> tuple[Tensor, Tensor]:
-        """ws: (N, num_ws, w_dim) for this block's layers."""
+    def forward(self, x: Tensor | None, img: Tensor | None, ws: Tensor, noise_mode: str,
+                rgb_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+        """ws: (N, num_ws, w_dim) for this block's layers; rgb_weight < 1 fades this block's toRGB in."""
         if x is None:
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1).contiguous(memory_format=self.memory_format)
         with fp16_autocast(self.use_fp16, ws.device.type):
             for i, conv in enumerate(self.convs):
                 x = conv(x, ws[:, i], noise_mode=noise_mode)
             rgb = self.to_rgb(x, ws[:, len(self.convs)])
-        img = rgb.float() if img is None else upsample2d(img, self.resample_filter) + rgb.float()  # the image in fp32
+        rgb = rgb.float() if rgb_weight == 1.0 else rgb.float() * rgb_weight  # the image in fp32
+        img = rgb if img is None else upsample2d(img, self.resample_filter) + rgb
         return x, img
 
 
@@ -117,12 +119,19 @@ class SynthesisNetwork(nn.Module):
         # Consecutive blocks overlap by one w (toRGB of block b and first conv of block b+1).
         self.num_ws = sum(len(b.convs) for b in self.blocks) + 1
 
-    def forward(self, ws: Tensor, noise_mode: str = "random") -> Tensor:
+    def forward(self, ws: Tensor, noise_mode: str = "random", *, resolution: int | None = None,
+                alpha: float = 1.0) -> Tensor:
+        """Images at `resolution` (default: the full one). The skip architecture makes the progressive fade
+        (1 - alpha) * up(img_{r/2}) + alpha * (up(img_{r/2}) + rgb_r) = up(img_{r/2}) + alpha * rgb_r."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode={noise_mode!r} must be one of {NOISE_MODES}")
+        resolution = resolution or self.resolutions[-1]
         x = img = None
         idx = 0
         for block in self.blocks:
-            x, img = block(x, img, ws[:, idx : idx + block.num_ws], noise_mode)
+            weight = alpha if block.resolution == resolution else 1.0
+            x, img = block(x, img, ws[:, idx : idx + block.num_ws], noise_mode, weight)
             idx += len(block.convs)
+            if block.resolution == resolution:
+                break
         return img
