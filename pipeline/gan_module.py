@@ -67,7 +67,11 @@ class GAN(L.LightningModule):
         self.label_draws = 0  # batches of fake labels drawn: with the seed, the key of the next grouped draw
         # Progressive growing: the stage is a function of images_seen, applied to G, D and G_ema before every step.
         self.schedule = schedule or GrowthSchedule(resolutions=[G.resolution])
-        self._base_lr: dict[str, list[tuple[dict, float]]] = {}  # per-stage lrs scale the optimizers' own
+        self._relative_lr: dict[str, list[float]] = {}  # per param group: its lr / the configured lr
+        for name, factory in (("G", g_opt), ("D", d_opt)):
+            if self.schedule.lr(name, 0) is not None and not getattr(factory, "keywords", {}).get("lr"):
+                key = "g_opt" if name == "G" else "d_opt"
+                raise ValueError(f"schedule.{name.lower()}_lr needs model.{key}.lr set in the optimizer config")
         self.stage = self._grow()
 
     # ---- Lightning plumbing -------------------------------------------------------------------
@@ -80,7 +84,8 @@ class GAN(L.LightningModule):
             "D": self.backend.engine("D", self.D, _make_optimizer(self.d_opt_factory, self.D, self.objective.r1),
                                      self.precision, device)}
         for name, factory in (("G", self.g_opt_factory), ("D", self.d_opt_factory)):
-            self._base_lr[name] = self._lr_groups(name, factory)
+            if self.schedule.lr(name, 0) is not None:
+                self._relative_lr[name] = self._lr_factors(name, factory)
         for name, state in (self._engine_state or {}).items():
             self.engines[name].load_state_dict(state)
         self._engine_state = None
@@ -88,15 +93,12 @@ class GAN(L.LightningModule):
             _restore_rng_state(self._rng_state)
             self._rng_state = None
 
-    def _lr_groups(self, name: str, factory: OptimizerFactory) -> list[tuple[dict, float]]:
-        """(param group, its lr relative to the configured one): a stage's lr keeps the lazy-regularization factor."""
-        if self.schedule.lr(name, 0) is None:
-            return []
-        configured = getattr(factory, "keywords", {}).get("lr")
-        if not configured:
-            key = "g_opt" if name == "G" else "d_opt"
-            raise ValueError(f"schedule.{name.lower()}_lr needs model.{key}.lr set in the optimizer config")
-        return [(group, group["lr"] / configured) for group in self.engines[name].optimizer.param_groups]
+    def _lr_factors(self, name: str, factory: OptimizerFactory) -> list[float]:
+        """Each param group's lr relative to the configured one: a stage's lr keeps the lazy-regularization factor.
+
+        Read before a checkpoint's optimizer state is loaded (that holds the previous stage's lrs)."""
+        configured = factory.keywords["lr"]  # checked in __init__
+        return [group["lr"] / configured for group in self.engines[name].optimizer.param_groups]
 
     def _grow(self) -> Stage:
         """Set the stage of the step about to be taken: resolution and alpha of G, D, G_ema, and the stage's lrs."""
@@ -106,9 +108,9 @@ class GAN(L.LightningModule):
             self.D.set_growth(stage.resolution, stage.alpha)
             # Samples and metrics compare G_ema at the final size, whatever the stage.
             self.G_ema.set_growth(stage.resolution, stage.alpha, output_resolution=self.schedule.final_resolution)
-        for name, groups in self._base_lr.items():
-            for group, relative in groups:
-                group["lr"] = self.schedule.lr(name, stage.index) * relative
+        for name, factors in self._relative_lr.items():  # the groups themselves: loading a state replaces them
+            for group, factor in zip(self.engines[name].optimizer.param_groups, factors, strict=True):
+                group["lr"] = self.schedule.lr(name, stage.index) * factor
         return stage
 
     def _latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,13 +95,12 @@ class RunSummary(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stage = getattr(pl_module, "schedule", None) and pl_module.schedule.at(pl_module.images_seen)
         if stage and (not self._stages or self._stages[-1]["stage"] != stage.index):
-            now = time.perf_counter()
-            self._close_stage(pl_module, now)
-            self._stages.append({"stage": stage.index, "resolution": stage.resolution,
-                                 "from_kimg": _kimg(pl_module), "_t": now, "_images": pl_module.images_seen})
+            self._stages.append({"stage": stage.index, "resolution": stage.resolution, "from_kimg": _kimg(pl_module),
+                                 "_t": time.perf_counter(), "_images": pl_module.images_seen})
 
     def _close_stage(self, pl_module: L.LightningModule, now: float) -> None:
-        if self._stages and "seconds" not in self._stages[-1]:
+        """The open stage ends now (at the end of its last batch: an evaluation at the end of the run is not in it)."""
+        if self._stages:
             last = self._stages[-1]
             kimg = (pl_module.images_seen - last["_images"]) / 1000.0
             seconds = now - last["_t"]
@@ -109,6 +108,7 @@ class RunSummary(L.Callback):
                         s_per_kimg=round(seconds / kimg, 3) if kimg > 0 else None)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._close_stage(pl_module, time.perf_counter())
         if _kimg(pl_module) < self._next_kimg:
             return
         now = time.perf_counter()
@@ -121,7 +121,6 @@ class RunSummary(L.Callback):
         if not trainer.is_global_zero:
             return
         wall = time.perf_counter() - self._t0
-        self._close_stage(pl_module, time.perf_counter())
         images = pl_module.images_seen - self._images0
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("loss/", "D/", "reg/"))}
         summary = {
@@ -135,7 +134,7 @@ class RunSummary(L.Callback):
             "images_per_s": round(images / max(wall, 1e-9), 2),
             "final": metrics,
         }
-        if len(self._stages) > 1 or self._stages and pl_module.schedule.progressive:
+        if self._stages:  # progressive growing's stages; one for a fixed schedule
             summary["stages"] = [{k: v for k, v in s.items() if not k.startswith("_")} for s in self._stages]
         # The last evaluation of the metrics callback (pipeline/metrics/callback.py), with its protocol.
         records = [cb.history[-1] for cb in trainer.callbacks if getattr(cb, "history", None)]
