@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.data.diffaugment import DiffAugment
 from pipeline.distributed.backend import DDPBackend, DeepSpeedBackend
 from pipeline.distributed.engine import NetEngine
 from pipeline.distributed.precision import Precision
@@ -39,7 +40,8 @@ class GAN(L.LightningModule):
                  objective: Objective, ema: EMASchedule | EMAHalfLife, kimg: float,
                  class_probs: list[float] | None = None, fake_labels: FakeLabels = FakeLabels(), seed: int = 0,
                  backend: DDPBackend | DeepSpeedBackend = DDPBackend(), precision: Precision = Precision(),
-                 schedule: GrowthSchedule | None = None, config: dict | None = None) -> None:
+                 schedule: GrowthSchedule | None = None, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 config: dict | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False  # two optimizers, D steps per G step: we drive them ourselves
         self.G, self.D = G, D
@@ -59,6 +61,9 @@ class GAN(L.LightningModule):
         probs = torch.tensor(class_probs, dtype=torch.float) if class_probs else torch.empty(0)
         self.register_buffer("class_probs", probs, persistent=False)
         self.fake_labels, self.seed = fake_labels, seed  # seed: equal on every rank (grouped labels agree)
+        # T in D(T(x)) for every image D judges in a training step, reals and fakes alike (DiffAugment, Zhao et al.
+        # 2020, fig. 4). None: the identity. DiffAugment draws from the checkpointed CPU RNG: resume stays exact.
+        self.augment = augment if augment is not None else DiffAugment()
         self.config = config or {}  # resolved config, stored in every checkpoint
         # Counters; all are checkpointed (on_save_checkpoint) so a resumed run continues exactly here.
         self.images_seen = 0  # real images shown to D, all ranks together
@@ -130,8 +135,8 @@ class GAN(L.LightningModule):
             progress.increment_completed()
 
     # ---- the algorithm ------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x_real, y_real = batch  # (B, C, H, W) in [-1, 1], (B,)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x_real, y_real = batch[0], batch[1]  # (B, C, H, W) in [-1, 1], (B,); then the data's health record
         self.stage = self._grow()
         if x_real.shape[-1] != self.stage.resolution:  # reals at the stage's size, with D's anti-aliasing filter
             x_real = self.D.resize(x_real, self.stage.resolution)
@@ -149,7 +154,8 @@ class GAN(L.LightningModule):
         r1_due = obj.r1.due(self.d_step)
         x_real = x_real.detach().requires_grad_(r1_due)
         with d.autocast():  # losses are taken in fp32 whatever precision D ran in
-            d_real, d_fake = self.D(x_real, y_real).float(), self.D(x_fake, y_fake).float()
+            # Each batch gets its own draw of T; R1 below differentiates through T back to the un-augmented x_real.
+            d_real, d_fake = self.D(self.augment(x_real), y_real).float(), self.D(self.augment(x_fake), y_fake).float()
         loss_d = self.d_loss_fn(d_real, d_fake)
         total_d = loss_d
         if r1_due:  # lazy R1: every r1_interval steps, gamma/2 * interval * E||grad_x D(x)||^2
@@ -177,7 +183,7 @@ class GAN(L.LightningModule):
                 with g.autocast():
                     x_g = self.G(z, y)
             with d.autocast():
-                logits = self.D(x_g, y).float()
+                logits = self.D(self.augment(x_g), y).float()  # the same T as in D's step: G learns through it
             loss_g = self.g_loss_fn(logits)
             total_g = loss_g
             if obj.pl.due(self.g_step):  # lazy path length on a smaller batch (StyleGAN2 sec. 3.2, appendix B)

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import ConfigError, build, check_targets
+from pipeline.data.health import DataHealth
+from pipeline.data.stream import DATA_ERROR_EXIT_CODE, DataError
 from pipeline.distributed.env import launch_world
 from pipeline.distributed.peers import LOST_PEER_EXIT_CODE, lost_peer, lost_peer_message
 from pipeline.distributed.precision import Precision
@@ -122,13 +124,14 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         raise ConfigError(str(e)) from e
     G = build(cfg, "model.generator")
     D = build(cfg, "model.discriminator")
+    augment = build(cfg, "augment") if cfg.get("augment") else None  # augment=none composes to an empty node
     class_probs = datamodule.label_frequencies().tolist() or None  # fake labels follow the data's classes
     try:
         gan = GAN(G=G, D=D, g_opt=build(cfg, "model.g_opt"), d_opt=build(cfg, "model.d_opt"),
                   objective=build(cfg, "model.objective"), ema=build(cfg, "model.ema"), kimg=settings.kimg,
                   class_probs=class_probs, seed=cfg.seed, backend=backend, precision=precision, schedule=schedule,
                   fake_labels=build(cfg, "model.fake_labels") if cfg.model.get("fake_labels") else FakeLabels(),
-                  config=OmegaConf.to_container(cfg, resolve=True))
+                  augment=augment, config=OmegaConf.to_container(cfg, resolve=True))
     except ValueError as e:  # model/objective combinations that cannot work; the message names the key
         raise ConfigError(f"model: {e}") from e
 
@@ -166,6 +169,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
             *([metrics] if metrics else []),  # before RunSummary: its final scores go into summary.json
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
             NetworkStats(every_kimg=settings.log_every_kimg),
+            DataHealth(max_bad_fraction=datamodule.max_bad_fraction, source=str(cfg.data.source)),
             Preemption(ckpt_path=run_dir / "checkpoints" / "last.ckpt", grace_s=settings.preempt_grace_s),
             *(callbacks or []),
         ],
@@ -188,6 +192,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (ConfigError, EvalError, CheckpointError) as e:  # EvalError: the metrics' feature network is unusable
         print(f"gan-train: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DataError as e:  # too many bad samples; from a loader worker the message carries its traceback
+        print(f"gan-train: data error: {str(e).rstrip().splitlines()[-1].removeprefix('DataError: ')}", file=sys.stderr)
+        sys.exit(DATA_ERROR_EXIT_CODE)
     except FloatingPointError as e:  # a diverged run (NonFiniteError, LossScaleError): the last checkpoint is intact
         print(f"gan-train: training stopped: {e}", file=sys.stderr)
         sys.exit(3)

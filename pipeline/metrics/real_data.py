@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.data import storage
 from pipeline.data.shards import DatasetError, ensure_shards, iterate_shards, read_manifest
 from pipeline.metrics.errors import EvalError
 
@@ -25,10 +26,13 @@ def dataset_checksum(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
-def find_shards(source: str, cache_dir: str | Path, resolution: int, *, arg: str = "--data") -> tuple[Path, dict]:
-    """(shard folder, manifest) for 'digits' (written into cache_dir on first use) or a gan-shards folder."""
+def find_shards(source: str, cache_dir: str | Path, resolution: int, *, arg: str = "--data"
+                ) -> tuple[Path | str, dict]:
+    """(shard location, manifest) for 'digits' (written into cache_dir on first use), a gan-shards folder, or an
+    fsspec URL / pipe: command holding one (pipeline/data/storage.py)."""
     try:
-        shard_dir = ensure_shards(source, cache_dir, resolution=resolution)
+        shard_dir = source if storage.local_path(source) is None else ensure_shards(source, cache_dir,
+                                                                                    resolution=resolution)
         return shard_dir, read_manifest(shard_dir)
     except (ValueError, OSError) as e:  # DatasetError is a ValueError
         raise EvalError(f"{arg}={source!r}: {e}") from None

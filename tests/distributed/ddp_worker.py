@@ -21,7 +21,7 @@ class RecordBatches(L.Callback):
         self.g_lrs: list[float] = []  # G's lr at each step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        x, y = batch
+        x, y, _ = batch  # the third is the data health record
         self.hashes.append(hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest())
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:

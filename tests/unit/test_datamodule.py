@@ -28,6 +28,7 @@ def single_process(monkeypatch):
 
 
 def make_dm(cache_dir: str, **overrides) -> ShardDataModule:
+    """The digits at 16x16 in batches of 32, one process, 4 batches an epoch; `overrides` change any of it."""
     config = dict(name="digits", source="digits", cache_dir=cache_dir, resolution=RES, channels=1, num_classes=10,
                   batch_size=32, num_workers=0, shuffle_buffer=200, seed=0, batches_per_epoch=4)
     dm = ShardDataModule(**(config | overrides))
@@ -40,14 +41,18 @@ def first_batches(dm: ShardDataModule, n: int = 3) -> list[tuple[torch.Tensor, t
 
 
 def same(a: list, b: list) -> bool:
-    return all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
+    """Equal batches: images, labels and the health records (good and bad samples read before each)."""
+    return all(all(torch.equal(u, v) for u, v in zip(ba, bb, strict=True)) for ba, bb in zip(a, b, strict=True))
 
 
 def test_batches_are_digits_in_range(cache_dir):
     dm = make_dm(cache_dir)
     images, labels = load_digits(RES)
     label_of = {img.tobytes(): int(y) for img, y in zip(images, labels)}
-    for x, y in first_batches(dm):
+    for raw, y, health in first_batches(dm):
+        assert health.tolist() == [32, 0, 0, 0]  # 32 good samples; no bad images, labels or shards
+        assert raw.dtype == torch.uint8 and raw.is_contiguous()  # uint8 through the loader: 1/4 of the bytes
+        x = dm.on_after_batch_transfer((raw, y, health), 0)[0]  # float on the device
         assert x.shape == (32, 1, RES, RES) and x.dtype == torch.float32
         assert y.shape == (32,) and y.dtype == torch.int64
         assert x.min() == -1.0 and x.max() == 1.0
@@ -145,7 +150,7 @@ def test_unconditional_rgb_folder(tmp_path):
     write_shards(str(tmp_path / "src"), tmp_path / "shards", progress=False)
     dm = make_dm(str(tmp_path), source=str(tmp_path / "shards"), resolution=8, channels=3, num_classes=0,
                  batch_size=2)
-    x, y = first_batches(dm, 1)[0]
+    x, y, _ = first_batches(dm, 1)[0]
     assert x.shape == (2, 3, 8, 8) and y.tolist() == [0, 0]
     assert dm.class_names == [] and dm.label_frequencies().shape == (0,)
 
@@ -156,7 +161,7 @@ def test_per_stage_batch_sizes_follow_the_plan_and_resume_inside_an_epoch(cache_
     plan = [(0, 32), (3, 16), (7, 8)]
     loader = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5, batch_plan=plan).train_dataloader()
     epoch0, epoch1 = list(loader), list(loader)
-    assert [len(y) for _, y in epoch0 + epoch1] == [32, 32, 32, 16, 16, 16, 16, 8, 8, 8]
+    assert [len(y) for _, y, _ in epoch0 + epoch1] == [32, 32, 32, 16, 16, 16, 16, 8, 8, 8]
     resumed = make_dm(cache_dir, num_workers=workers, batches_per_epoch=5, batch_plan=plan)
     resumed.start_at(0, 3)  # stopped after the three batches of 32: the rest of the epoch is the same
     loader = resumed.train_dataloader()
