@@ -259,8 +259,11 @@ def _make_optimizer(factory: OptimizerFactory, net: nn.Module, lazy: Any) -> tor
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # latents and noise drawn on the GPU
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -284,3 +287,5 @@ def _restore_rng_state(states: list[dict[str, Any]] | None) -> None:
     random.setstate(s["python"])
     kind, keys, *rest = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])

@@ -13,7 +13,7 @@ Images are NCHW in [-1, 1]. The ops and ranges are the paper's (its official Dif
 
 Randomness: the global CPU torch RNG unless a generator is given. The training module checkpoints that state
 on every rank (gan_module._gather_rng_states), so a resumed run draws the same augmentations as an
-uninterrupted one on any device (CUDA's RNG state is not checkpointed); each rank is seeded differently, so
+uninterrupted one on any device (a few CPU numbers per call: no GPU RNG involved); each rank is seeded differently, so
 under DDP each rank draws its own. The few numbers per call are moved to the images' device afterwards.
 """
 from __future__ import annotations
