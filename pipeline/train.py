@@ -5,6 +5,7 @@ Start it directly (`gan-train ...` or `python -m pipeline.train ...`) or under t
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -16,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +28,7 @@ from pipeline.distributed.env import launch_world
 from pipeline.distributed.peers import LOST_PEER_EXIT_CODE, lost_peer, lost_peer_message
 from pipeline.distributed.precision import Precision
 from pipeline.gan_module import GAN
+from pipeline.metrics.callback import METRIC_VALUES  # metric -> the values it yields
 from pipeline.metrics.errors import EvalError
 from pipeline.training.callbacks import RunSummary, SampleGrid
 from pipeline.training.checkpoints import AtomicCheckpointIO, CheckpointError, find_checkpoint
@@ -37,9 +40,20 @@ from pipeline.training.sampling import FakeLabels
 from pipeline.training.settings import TrainSettings
 
 _STARTED = time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _run_name(name: str | None) -> str:
+    """run.name or the start time; a multirun's trials add their job number, so each has its own W&B name."""
+    return f"{name or _STARTED}-{HydraConfig.get().job.num}" if _multirun() else name or _STARTED
+
+
 # The run directory's name: run.name, or the start time. Under torchrun each rank composes its own config,
 # so a timestamp could differ between ranks; we require run.name there (see _check_world).
-OmegaConf.register_new_resolver("run_name", lambda name: name or _STARTED, replace=True)
+OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
 
 
 def _check_world(cfg: DictConfig) -> tuple[int, int]:
@@ -185,10 +199,48 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def _check_sweep_metric(cfg: DictConfig) -> None:
+    """An optimizing sweeper (Optuna, not the basic grid) needs `sweep.metric` from each trial: fail before training."""
+    if not _multirun() or HydraConfig.get().sweeper._target_.endswith(".BasicSweeper"):
+        return
+    name = cfg.sweep.metric
+    computed = [v for m in (cfg.metrics.metrics if cfg.get("metrics") else []) for v in METRIC_VALUES[m]]
+    if name not in computed:
+        raise ConfigError(f"sweep.metric={name} is what the sweeper optimizes, but the run computes "
+                          f"{computed or 'no metrics'}: add metrics=default metrics.metrics=[{name}] "
+                          "(or set sweep.metric to one of them)")
+
+
+def _sweep_value(cfg: DictConfig, run_dir: Path) -> float | None:
+    """`sweep.metric` of the run's last metrics evaluation (RunSummary copies it into summary.json), for the sweeper."""
+    name = cfg.get("sweep", {}).get("metric")
+    if name is None or launch_world()[1] != 0:  # rank 0 writes summary.json
+        return None
+    path = run_dir / "summary.json"
+    record = json.loads(path.read_text()).get("metrics") if path.is_file() else None
+    value = (record or {}).get("metrics", {}).get(name)
+    if value is None:
+        if _multirun():
+            warnings.warn(f"sweep.metric={name} was not computed (metrics=none, or not in metrics.metrics): this trial "
+                          f"returns None to the sweeper; add metrics=default metrics.metrics=[{name}]", stacklevel=1)
+        return None
+    if _multirun():  # the basic sweeper keeps no return values: the log line is the record
+        print(f"gan-train: sweep.metric {name}={value:.6g} ({run_dir})", file=sys.stderr)
+    return float(value)
+
+
+def _end_trial() -> None:
+    """Lightning's WandbLogger reuses a live wandb.run: finish this trial's so that the next one gets its own."""
+    if _multirun() and getattr(sys.modules.get("wandb"), "run", None) is not None:
+        sys.modules["wandb"].finish()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """One run; returns `sweep.metric` (e.g. the final FID) to Hydra's sweeper under `gan-train -m`."""
     try:
-        run(cfg)
+        _check_sweep_metric(cfg)
+        run_dir, _ = run(cfg)
     except (ConfigError, EvalError, CheckpointError) as e:  # EvalError: the metrics' feature network is unusable
         print(f"gan-train: config error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -203,6 +255,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise
         print(f"gan-train: {lost_peer_message(e, cfg.strategy.timeout_s)}", file=sys.stderr)
         sys.exit(LOST_PEER_EXIT_CODE)
+    _end_trial()
+    return _sweep_value(cfg, run_dir)
 
 
 def main() -> None:

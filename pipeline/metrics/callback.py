@@ -28,7 +28,7 @@ from pipeline.metrics.reference import Reference, reference_features
 from pipeline.training.standing_stats import standing_copy
 
 # The value each metric name yields, for best_metric (kid -> kid; pr -> precision and recall).
-_VALUES = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"], "intra_fid": ["intra_fid"],
+METRIC_VALUES = {"fid": ["fid"], "kid": ["kid"], "pr": ["precision", "recall"], "intra_fid": ["intra_fid"],
            "accuracy": ["accuracy"]}
 
 
@@ -69,7 +69,7 @@ class MetricsCallback(L.Callback):
         if every_kimg <= 0 or num_samples < 2:
             raise ValueError(f"metrics.every_kimg={every_kimg} must be > 0 and metrics.num_samples={num_samples} "
                              "at least 2")
-        produced = [v for m in self.metrics for v in _VALUES[m]]
+        produced = [v for m in self.metrics for v in METRIC_VALUES[m]]
         if best_metric is not None and best_metric not in produced:
             raise ValueError(f"metrics.best_metric={best_metric!r} is not computed; choose from {produced} "
                              "or add its metric to metrics.metrics")
