@@ -8,9 +8,12 @@ from typing import Any
 
 from launch.k8s.render import JOB_LABEL
 
-# Kubeflow kinds: (group, version, plural) for CustomObjectsApi.
+# Kubeflow kinds: (group, version, plural) for CustomObjectsApi. Jobs first: `delete` removes a TrainJob before the
+# TrainingRuntime it runs on (render_job lists the runtime first, so `apply` creates it before the TrainJob).
 CUSTOM = {"PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs"),
-          "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs")}
+          "TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
+          "TrainingRuntime": ("trainer.kubeflow.org", "v1alpha1", "trainingruntimes")}
+JOB_KINDS = ("PyTorchJob", "TrainJob")  # what `status` reports; a TrainingRuntime is only a job's template
 INDEX_LABELS = ("batch.kubernetes.io/job-completion-index",  # Indexed Job pods, and a TrainJob's (JobSet's) pods
                 "training.kubeflow.org/replica-index")        # PyTorchJob pods (Master 0, Workers 0..N-2)
 
@@ -88,7 +91,8 @@ def job_conditions(name: str, *, namespace: str, api: Apis) -> tuple[str, list[t
     if job is not None:
         conds = (job.status.conditions or []) if job.status else []
         return "Job", [(c.type, c.status, c.message or "") for c in conds]
-    for kind, (group, version, plural) in CUSTOM.items():
+    for kind in JOB_KINDS:
+        group, version, plural = CUSTOM[kind]
         obj = _get(api.custom.get_namespaced_custom_object, group=group, version=version, namespace=namespace,
                    plural=plural, name=name)
         if obj is not None:
@@ -123,7 +127,8 @@ def logs(name: str, *, namespace: str, node: int = 0, tail: int | None = None, a
 
 
 def delete(name: str, *, namespace: str, api: Apis | None = None) -> list[str]:
-    """Delete the job and its Service; Foreground propagation removes the pods before the job is gone."""
+    """Delete the job and its Service or TrainingRuntime; Foreground propagation removes the pods before the job is
+    gone."""
     api = api or default_apis()
     deleted = []
     if _get(api.batch.delete_namespaced_job, name=name, namespace=namespace,

@@ -1,6 +1,7 @@
 """Manifests of a multi-node gan-train job: an Indexed Job plus a headless Service, a Kubeflow PyTorchJob, or a
-Kubeflow Trainer TrainJob. Plain dicts, ready for YAML or the Kubernetes API; hyperparameters stay in the
-Hydra overrides, which go into the container's args one per item."""
+Kubeflow Trainer TrainJob (with its own TrainingRuntime unless launch.trainjob_runtime names a shared one). Plain
+dicts, ready for YAML or the Kubernetes API; hyperparameters stay in the Hydra overrides, which go into the
+container's args one per item."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,10 @@ from launch.k8s.settings import LaunchSettings, load_settings
 TARGETS = ("indexed-job", "pytorchjob", "trainjob")
 JOB_LABEL = "gan-pipeline/job"  # on every object and pod: `gan-launch status|logs|delete` find them by it
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # RFC 1035 label: Services and TrainJobs need the leading letter
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 # Pod fields the TrainJob API (trainer.kubeflow.org/v1alpha1) cannot override: the runtime's pod template sets them.
 TRAINJOB_RUNTIME_SETS = ("securityContext", "terminationGracePeriodSeconds", "priorityClassName", "restartPolicy")
+OWN_RUNTIME = "own"  # launch.trainjob_runtime: render a TrainingRuntime per job (else: a ClusterTrainingRuntime name)
 
 
 def _longest_suffix(target: str, nodes: int) -> str:
@@ -80,11 +83,14 @@ def _pod_security(s: LaunchSettings) -> dict:
 
 
 def _container(s: LaunchSettings, *, name: str, argv: list[str], env: list[dict], gpus_per_node: int,
-               image: str, port_name: str) -> dict:
-    return {"name": name, "image": image, "command": [escape_expansion(argv[0])],
-            "args": [escape_expansion(a) for a in argv[1:]], "env": env,
-            "resources": _resources(s, gpus_per_node), "volumeMounts": _mounts(s),
-            "ports": [{"name": port_name, "containerPort": s.port}], "securityContext": _container_security(s)}
+               image: str, port_name: str | None) -> dict:
+    container = {"name": name, "image": image, "command": [escape_expansion(argv[0])],
+                 "args": [escape_expansion(a) for a in argv[1:]], "env": env,
+                 "resources": _resources(s, gpus_per_node), "volumeMounts": _mounts(s),
+                 "ports": [{"name": port_name, "containerPort": s.port}], "securityContext": _container_security(s)}
+    if port_name is None:  # the controller adds the rendezvous port itself
+        del container["ports"]
+    return container
 
 
 def _pod_spec(s: LaunchSettings, *, container: dict, restart_policy: str, grace_s: int) -> dict:
@@ -144,19 +150,52 @@ def _pytorchjob(s: LaunchSettings, *, name: str, namespace: str, nodes: int, gpu
                       "runPolicy": {"backoffLimit": s.backoff_limit, "cleanPodPolicy": "None"}}}]
 
 
+def _trainer(s: LaunchSettings, *, nodes: int, gpus_per_node: int, image: str, argv: list[str],
+             env: list[dict]) -> dict:
+    return {"image": image, "command": [escape_expansion(argv[0])],
+            "args": [escape_expansion(a) for a in argv[1:]], "env": env, "numNodes": nodes,
+            "numProcPerNode": gpus_per_node, "resourcesPerNode": _resources(s, gpus_per_node)}
+
+
+def _training_runtime(s: LaunchSettings, *, name: str, namespace: str, nodes: int, gpus_per_node: int, image: str,
+                      argv: list[str], env: list[dict], grace_s: int) -> dict:
+    """The job's own TrainingRuntime: a JobSet with one replicated Job `node` whose pod template holds what the
+    TrainJob cannot override (TRAINJOB_RUNTIME_SETS) and everything else of the pod; Trainer fills in the TrainJob's
+    trainer fields and the PET_* variables, and sets the Job's parallelism and completions from numNodes."""
+    container = _container(s, name="node", argv=argv, env=env, gpus_per_node=gpus_per_node, image=image,
+                           port_name=None)  # Trainer adds the rendezvous port (PET_MASTER_PORT) to `node` itself
+    # Never: a failed pod is replaced (same index, same hostname) up to backoffLimit and resumes, as with indexed-job.
+    pod = _pod_spec(s, container=container, restart_policy="Never", grace_s=grace_s)
+    # The ancestor label tells Trainer which replicated job runs the trainer (as its torch-distributed runtime has).
+    job_labels = {**_labels(name), "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    node_job = {"name": "node", "replicas": 1,
+                "template": {"metadata": {"labels": job_labels},
+                             "spec": {"backoffLimit": s.backoff_limit,
+                                      "template": {"metadata": {"labels": _labels(name)}, "spec": pod}}}}
+    return {"apiVersion": TRAINER_API, "kind": "TrainingRuntime", "metadata": _meta(name, namespace),
+            "spec": {"mlPolicy": {"numNodes": nodes, "torch": {"numProcPerNode": gpus_per_node}},
+                     "template": {"metadata": {"labels": _labels(name)}, "spec": {"replicatedJobs": [node_job]}}}}
+
+
 def _trainjob(s: LaunchSettings, *, name: str, namespace: str, nodes: int, gpus_per_node: int, image: str,
               argv: list[str], grace_s: int) -> list[dict]:
-    # Trainer v2 sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT in the runtime's `node` container. The
-    # TrainJob cannot set TRAINJOB_RUNTIME_SETS: the ClusterTrainingRuntime's pod template must (README).
+    # Trainer v2 sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT in the runtime's `node` container.
     env = _env(s, nodes=nodes, gpus_per_node=gpus_per_node, master_addr=None)
+    trainer = _trainer(s, nodes=nodes, gpus_per_node=gpus_per_node, image=image, argv=argv, env=env)
+    metadata = _meta(name, namespace)
+    if s.trainjob_runtime == OWN_RUNTIME:
+        # Our own namespaced TrainingRuntime (created first, deleted with the job) sets TRAINJOB_RUNTIME_SETS too.
+        runtime = _training_runtime(s, name=name, namespace=namespace, nodes=nodes, gpus_per_node=gpus_per_node,
+                                    image=image, argv=argv, env=copy.deepcopy(env), grace_s=grace_s)
+        ref = {"name": name, "kind": "TrainingRuntime", "apiGroup": "trainer.kubeflow.org"}
+        return [runtime, {"apiVersion": TRAINER_API, "kind": "TrainJob", "metadata": metadata,
+                          "spec": {"runtimeRef": ref, "trainer": trainer, "labels": _labels(name)}}]
+    # A shared ClusterTrainingRuntime: the TrainJob cannot set TRAINJOB_RUNTIME_SETS, that runtime's pod template must
+    # (README); the rest of the pod goes through podTemplateOverrides.
     overrides = {"nodeSelector": dict(s.node_selector), "tolerations": copy.deepcopy(s.tolerations),
                  "volumes": _volumes(s), "containers": [{"name": "node", "volumeMounts": _mounts(s)}]}
-    trainer = {"image": image, "command": [escape_expansion(argv[0])],
-               "args": [escape_expansion(a) for a in argv[1:]], "env": env, "numNodes": nodes,
-               "numProcPerNode": gpus_per_node, "resourcesPerNode": _resources(s, gpus_per_node)}
-    metadata = _meta(name, namespace)
     metadata["annotations"] = {"gan-pipeline/termination-grace-period-seconds": str(grace_s)}
-    return [{"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": metadata,
+    return [{"apiVersion": TRAINER_API, "kind": "TrainJob", "metadata": metadata,
              "spec": {"runtimeRef": {"name": s.trainjob_runtime}, "trainer": trainer, "labels": _labels(name),
                       "podTemplateOverrides": [{"targetJobs": [{"name": "node"}],
                                                 "metadata": {"labels": _labels(name)},

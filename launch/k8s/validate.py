@@ -11,7 +11,8 @@ import yaml
 K8S_VERSION = "1.33.0"  # the oldest cluster we target: Indexed Jobs with pod hostnames, sidecar-free GPU pods
 CRD_DIR = Path(__file__).resolve().parents[2] / "k8s" / "crds"
 CRD_SCHEMAS = {("kubeflow.org/v1", "PyTorchJob"): "pytorchjob.openapi.yaml",
-               ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob.openapi.yaml"}
+               ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob.openapi.yaml",
+               ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): "trainingruntime.openapi.yaml"}
 CORE_KINDS = {("v1", "Service"), ("batch/v1", "Job"), ("v1", "PodTemplate"), ("v1", "Pod")}
 
 
@@ -80,19 +81,27 @@ def _trainjob_as_pod(m: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": m["metadata"]["name"]}, "spec": spec}
 
 
+def _pod_templates(m: dict) -> list[tuple[str, dict]]:
+    """(which, core/v1 PodTemplateSpec) of every pod template a PyTorchJob or TrainingRuntime holds."""
+    if m["kind"] == "PyTorchJob":
+        return [(replica, spec.get("template", {})) for replica, spec in m["spec"]["pytorchReplicaSpecs"].items()]
+    jobs = m["spec"].get("template", {}).get("spec", {}).get("replicatedJobs", [])
+    return [(job["name"], job["template"]["spec"]["template"]) for job in jobs]
+
+
 def validate_manifest(m: dict) -> None:
     key = (m.get("apiVersion"), m.get("kind"))
     if key in CORE_KINDS:
         _validate_core(m, _where(m))
     elif key in CRD_SCHEMAS:
         _validate_crd(m, CRD_SCHEMAS[key])
-        if m["kind"] == "PyTorchJob":  # the CRD schema leaves the pod spec open: check it as what it is
-            for replica, spec in m["spec"]["pytorchReplicaSpecs"].items():
-                template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": m["metadata"]["name"]},
-                            "template": spec.get("template", {})}
-                _validate_core(template, f"{_where(m)} {replica} template")
-        else:
+        if m["kind"] == "TrainJob":
             _validate_core(_trainjob_as_pod(m), f"{_where(m)} trainer pod")
+            return
+        for which, template in _pod_templates(m):  # the CRD schema leaves the pod spec open: check it as what it is
+            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": m["metadata"]["name"]},
+                            "template": template}
+            _validate_core(pod_template, f"{_where(m)} {which} template")
     else:
         raise ManifestError(f"{_where(m)}: no schema for apiVersion={key[0]} kind={key[1]}")
 

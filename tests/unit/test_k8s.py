@@ -32,18 +32,29 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def _workload(manifests: list[dict]) -> dict:
-    return next(m for m in manifests if m["kind"] != "Service")
+    """The job itself: not its Service, not its TrainingRuntime."""
+    return next(m for m in manifests if m["kind"] not in ("Service", "TrainingRuntime"))
 
 
-def _containers_and_pods(m: dict) -> list[tuple[dict, dict | None]]:
-    """(container, pod spec) of every pod template; a TrainJob has no pod spec of its own (None)."""
+def _runtime_pod(manifests: list[dict]) -> dict:
+    """The pod spec of the `node` job of a trainjob target's own TrainingRuntime."""
+    runtime = next(m for m in manifests if m["kind"] == "TrainingRuntime")
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]["spec"]
+
+
+def _containers_and_pods(manifests: list[dict]) -> list[tuple[dict, dict | None]]:
+    """(container, pod spec) of every pod template; a TrainJob's trainer comes last, without a pod spec (None): its
+    pod is the runtime's, which Trainer fills in with the trainer's fields."""
+    m = _workload(manifests)
     if m["kind"] == "Job":
         pod = m["spec"]["template"]["spec"]
         return [(pod["containers"][0], pod)]
     if m["kind"] == "PyTorchJob":
         return [(r["template"]["spec"]["containers"][0], r["template"]["spec"])
                 for r in m["spec"]["pytorchReplicaSpecs"].values()]
-    return [(m["spec"]["trainer"], None)]
+    pod = _runtime_pod(manifests)
+    return [(pod["containers"][0], pod), (m["spec"]["trainer"], None)]
 
 
 def _env(container: dict) -> dict[str, dict]:
@@ -52,7 +63,7 @@ def _env(container: dict) -> dict[str, dict]:
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_overrides_reach_the_process_verbatim_as_one_arg_each(rendered, target):
-    for container, _ in _containers_and_pods(_workload(rendered[target])):
+    for container, _ in _containers_and_pods(rendered[target]):
         args = container["args"]
         plain = {k: v.get("value", "") for k, v in _env(container).items()}
         received = [expand_like_kubelet(a, plain) for a in args]  # what the kubelet hands the process
@@ -70,9 +81,9 @@ def test_resume_given_by_the_user_is_kept():
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_manifest_has_what_a_preemptible_gpu_job_needs(rendered, target):
-    m = _workload(rendered[target])
-    assert m["metadata"]["namespace"] == "ml" and m["metadata"]["labels"]["gan-pipeline/job"] == "gan-a"
-    for container, pod in _containers_and_pods(m):
+    for m in rendered[target]:
+        assert m["metadata"]["namespace"] == "ml" and m["metadata"]["labels"]["gan-pipeline/job"] == "gan-a"
+    for container, pod in _containers_and_pods(rendered[target]):
         resources = container.get("resources") or container["resourcesPerNode"]
         for part in ("requests", "limits"):
             assert resources[part]["nvidia.com/gpu"] == "8" and {"cpu", "memory"} <= resources[part].keys()
@@ -81,17 +92,14 @@ def test_every_manifest_has_what_a_preemptible_gpu_job_needs(rendered, target):
                                         "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
         assert {"NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "NCCL_DEBUG"} <= env.keys()
         assert env["GAN_NNODES"]["value"] == "3" and env["GAN_NPROC_PER_NODE"]["value"] == "8"
-        if pod is None:  # TrainJob: volumes and mounts go through podTemplateOverrides
-            override = m["spec"]["podTemplateOverrides"][0]
-            assert override["targetJobs"] == [{"name": "node"}]
-            pod, mounts = override["spec"], override["spec"]["containers"][0]["volumeMounts"]
-        else:
-            mounts = container["volumeMounts"]
-            assert pod["terminationGracePeriodSeconds"] == 60 + 30  # train.preempt_grace_s + launch.grace_margin_s
-            assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
-            assert container["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
-                                                    "allowPrivilegeEscalation": False,
-                                                    "capabilities": {"drop": ["ALL"]}}
+        if pod is None:  # a TrainJob's trainer: the rest of its pod is the runtime's, checked as the other pair
+            continue
+        mounts = container["volumeMounts"]
+        assert pod["terminationGracePeriodSeconds"] == 60 + 30  # train.preempt_grace_s + launch.grace_margin_s
+        assert pod["restartPolicy"] in ("Never", "OnFailure")
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+        assert container["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000,
+                                                "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
         assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "gan-data"}
@@ -100,13 +108,54 @@ def test_every_manifest_has_what_a_preemptible_gpu_job_needs(rendered, target):
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
-def test_trainjob_leaves_to_the_runtime_what_its_api_cannot_override(rendered):
-    m = _workload(rendered["trainjob"])
-    assert m["spec"]["runtimeRef"] == {"name": "torch-distributed"}
+def test_trainjob_runs_on_its_own_runtime_which_sets_what_a_trainjob_cannot():
+    manifests = _render("trainjob", overrides=["train.preempt_grace_s=200"],
+                        launch_overrides=["launch.priority_class=high"])
+    runtime, job = manifests  # the runtime first: `apply` creates them in this order
+    assert (runtime["apiVersion"], runtime["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime")
+    assert job["spec"]["runtimeRef"] == {"name": runtime["metadata"]["name"], "kind": "TrainingRuntime",
+                                         "apiGroup": "trainer.kubeflow.org"}
+    assert runtime["metadata"]["namespace"] == job["metadata"]["namespace"] == "ml"  # namespaced: same namespace
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 3, "torch": {"numProcPerNode": 8}}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node" and node["template"]["spec"]["backoffLimit"] == 3
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    pod = _runtime_pod(manifests)
+    assert set(TRAINJOB_RUNTIME_SETS) <= pod.keys()
+    assert pod["terminationGracePeriodSeconds"] == 200 + 30 and pod["priorityClassName"] == "high"
+    assert pod["restartPolicy"] == "Never"  # a failed pod is replaced (backoffLimit) and resumes
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                      "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    (container,) = pod["containers"]
+    assert container["name"] == "node" and container["image"] == "ghcr.io/example/gan-pipeline:latest"
+    assert "ports" not in container  # Trainer adds its rendezvous port; a second one would clash
+    trainer = job["spec"]["trainer"]  # what Trainer writes into the `node` container: the same as the runtime's
+    assert trainer["numNodes"] == 3 and trainer["numProcPerNode"] == 8
+    assert {k: trainer[k] for k in ("image", "command", "args", "env")} == \
+        {k: container[k] for k in ("image", "command", "args", "env")}
+    assert trainer["resourcesPerNode"] == container["resources"]
+    assert "podTemplateOverrides" not in job["spec"] and "annotations" not in job["metadata"]
+    validate_manifests(manifests)
+
+
+def test_trainjob_on_a_cluster_training_runtime_leaves_the_pod_fields_to_it():
+    (m,) = _render("trainjob", launch_overrides=["launch.trainjob_runtime=torch-distributed"])
+    assert m["spec"]["runtimeRef"] == {"name": "torch-distributed"}  # kind defaults to ClusterTrainingRuntime
     assert m["spec"]["trainer"]["numNodes"] == 3 and m["spec"]["trainer"]["numProcPerNode"] == 8
-    pod_override = m["spec"]["podTemplateOverrides"][0]["spec"]
-    assert not set(TRAINJOB_RUNTIME_SETS) & pod_override.keys()
+    override = m["spec"]["podTemplateOverrides"][0]
+    assert override["targetJobs"] == [{"name": "node"}]
+    assert not set(TRAINJOB_RUNTIME_SETS) & override["spec"].keys()  # the API has no such fields
+    volumes = {v["name"]: v for v in override["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "gan-data"}
+    assert {"name": "data", "mountPath": "/mnt/gan"} in override["spec"]["containers"][0]["volumeMounts"]
+    assert override["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert m["metadata"]["annotations"]["gan-pipeline/termination-grace-period-seconds"] == "90"
+    validate_manifests([m])
+    broken = copy.deepcopy(m)
+    broken["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = []
+    with pytest.raises(ManifestError, match="trainer pod"):
+        validate_manifests([broken])
 
 
 def test_indexed_job_runs_static_rendezvous_on_pod_0s_dns_name(rendered):
@@ -159,8 +208,7 @@ def test_pytorchjob_master_and_workers(rendered):
 def test_manifests_pass_the_schemas_and_broken_ones_fail(rendered, target):
     validate_manifests(rendered[target])
     broken = copy.deepcopy(rendered[target])
-    m = _workload(broken)
-    container, pod = _containers_and_pods(m)[0]
+    container, pod = _containers_and_pods(broken)[0]
     container["env"][0]["value"] = 3  # env values are strings
     with pytest.raises(ManifestError, match="env"):
         validate_manifests(broken)
@@ -179,10 +227,38 @@ def test_core_parts_of_every_target_are_checked_strictly(rendered):
     pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["volumeMount"] = []
     with pytest.raises(ManifestError, match="Worker template"):
         validate_manifests([pytorchjob])
-    (trainjob,) = copy.deepcopy(rendered["trainjob"])
-    trainjob["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] = []
+    trainjob = copy.deepcopy(rendered["trainjob"])  # the runtime's CRD leaves its pod spec open too
+    _runtime_pod(trainjob)["volumes"][0]["emptyDir"]["sizeLimit"] = []
+    with pytest.raises(ManifestError, match="TrainingRuntime 'gan-a' node template"):
+        validate_manifests(trainjob)
+    trainjob = copy.deepcopy(rendered["trainjob"])
+    _runtime_pod(trainjob)["securityContext"]["runAsNonRoot"] = "yes"
+    with pytest.raises(ManifestError, match="runAsNonRoot"):
+        validate_manifests(trainjob)
+    trainjob = copy.deepcopy(rendered["trainjob"])
+    _workload(trainjob)["spec"]["trainer"]["env"][-1]["valueFrom"]["secretKeyRef"]["key"] = 5  # open in the CRD
     with pytest.raises(ManifestError, match="trainer pod"):
-        validate_manifests([trainjob])
+        validate_manifests(trainjob)
+
+
+def test_the_training_runtime_is_checked_against_its_crd(rendered):
+    runtime, _ = rendered["trainjob"]
+    for path, value, message in [(("spec", "mlPolicy", "torch", "numProcPerNode"), [8], "numProcPerNode"),
+                                  (("spec", "mlPolicy", "numnodes"), 3, "numnodes"),  # unknown: pruned by the API
+                                  (("spec", "template", "spec", "replicatedJobs", 0, "template", "spec",
+                                    "backofLimit"), 3, "backofLimit"),
+                                  (("spec", "template", "spec", "replicatedJobs", 0, "replicas"), "1", "replicas")]:
+        broken = copy.deepcopy(runtime)
+        parent = broken
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = value
+        with pytest.raises(ManifestError, match=rf"TrainingRuntime 'gan-a': .*{message}.*trainingruntime"):
+            validate_manifests([broken])
+    nameless = copy.deepcopy(runtime)
+    del nameless["spec"]["template"]["spec"]["replicatedJobs"][0]["name"]
+    with pytest.raises(ManifestError, match="'name' is a required property"):
+        validate_manifests([nameless])
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -242,11 +318,13 @@ def test_apply_creates_core_and_custom_objects():
     apply([service, job], namespace="ml", api=api)
     assert api.core.calls == [("create_namespaced_service", {"namespace": "ml", "body": service})]
     assert api.batch.calls == [("create_namespaced_job", {"namespace": "ml", "body": job})]
-    (trainjob,) = _render("trainjob")
-    apply([trainjob], namespace="ml", api=api)
-    assert api.custom.calls == [("create_namespaced_custom_object",
-                                 {"group": "trainer.kubeflow.org", "version": "v1alpha1", "namespace": "ml",
-                                  "plural": "trainjobs", "body": trainjob})]
+    runtime, trainjob = _render("trainjob")
+    apply([runtime, trainjob], namespace="ml", api=api)
+    created = {"group": "trainer.kubeflow.org", "version": "v1alpha1", "namespace": "ml"}
+    assert api.custom.calls == [("create_namespaced_custom_object", {**created, "plural": "trainingruntimes",
+                                                                      "body": runtime}),  # first: the job needs it
+                                ("create_namespaced_custom_object", {**created, "plural": "trainjobs",
+                                                                      "body": trainjob})]
 
 
 def test_gan_launch_k8s_applies_through_the_injected_api(capsys):
@@ -302,6 +380,47 @@ def test_status_and_logs_of_a_pytorchjob(capsys):
     assert "PyTorchJob gan-a: Running=True" in out and "node 1  gan-a-worker-0" in out
     assert ("read_namespaced_pod_log", {"name": "gan-a-worker-0", "namespace": "default"}) in api.core.calls
     assert "deleted PyTorchJob gan-a" in out
+
+
+class CustomObjects(FakeApi):
+    """CustomObjectsApi that holds objects by plural: reads and deletes of any other plural answer 404."""
+
+    def __init__(self, present: dict[str, dict]):
+        super().__init__()
+        self.present = present
+
+    def __getattr__(self, method: str):
+        def call(**kwargs):
+            self.calls.append((method, kwargs))
+            if method.startswith(("get_", "delete_")) and kwargs["plural"] not in self.present:
+                raise ApiError(404)
+            return self.present.get(kwargs.get("plural"), {"ok": True})
+        return call
+
+
+def test_trainjob_apply_status_delete_take_its_runtime_along(capsys):
+    api = Apis(core=FakeApi(), batch=FakeApi(), custom=CustomObjects({}))
+    with pytest.raises(SystemExit) as exited:
+        gan_launch(["k8s", "--target", "trainjob", "--nodes", "2", "--name", "gan-a", "train.kimg=1"], api=api)
+    assert exited.value.code == 0 and "created TrainingRuntime, TrainJob gan-a" in capsys.readouterr().out
+    assert [kw["plural"] for _, kw in api.custom.calls] == ["trainingruntimes", "trainjobs"]
+    running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
+    api = Apis(core=FakeApi({"list_namespaced_pod": SimpleNamespace(items=[])}), batch=FakeApi(),
+               custom=CustomObjects({"trainjobs": running, "trainingruntimes": {}}))
+    for argv in (["status", "gan-a"], ["delete", "gan-a"]):
+        with pytest.raises(SystemExit) as exited:
+            gan_launch(argv, api=api)
+        assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "TrainJob gan-a: Running=True" in out and "deleted TrainJob gan-a, TrainingRuntime gan-a" in out
+    # A runtime left alone (its TrainJob failed to create) is no job for `status`, but `delete` removes it.
+    api = Apis(core=FakeApi(), batch=FakeApi(), custom=CustomObjects({"trainingruntimes": {}}))
+    with pytest.raises(SystemExit) as exited:
+        gan_launch(["status", "gan-a"], api=api)
+    assert exited.value.code == 2 and "no job 'gan-a'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gan_launch(["delete", "gan-a"], api=api)
+    assert "deleted TrainingRuntime gan-a" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
