@@ -211,6 +211,7 @@ def test_a_worker_that_reads_only_bad_data_stops_with_the_fix(tmp_path, one_shar
 
 class FakeTrainer:
     is_global_zero = True
+    log_every_n_steps = 1  # judged after every batch
 
 
 class FakeModule:
@@ -235,6 +236,17 @@ def test_the_run_stops_once_bad_data_passes_the_threshold_counted_over_enough_sa
     resumed = DataHealth(max_bad_fraction=0.01, source="ds")
     resumed.load_state_dict(callback.state_dict())  # a resumed run goes on counting from the checkpoint
     assert resumed.totals == callback.totals
+
+
+def test_counts_are_read_and_judged_only_every_log_every_n_steps_batches():
+    trainer, module = FakeTrainer(), FakeModule()
+    trainer.log_every_n_steps = 5  # the host reads the counts (a GPU sync) only on logging steps
+    callback = DataHealth(max_bad_fraction=0.01, source="ds")
+    for i in range(4):
+        callback.on_train_batch_end(trainer, module, None, (None, None, torch.tensor([250, 10, 0, 0])), i)
+    assert module.logged == {} and callback.totals["bad_image"] == 40  # counted, not yet judged
+    with pytest.raises(DataError, match=r"50 of 1300 samples read were bad"):
+        callback.on_train_batch_end(trainer, module, None, (None, None, torch.tensor([250, 10, 0, 0])), 4)
 
 
 def test_worker_guard_judges_only_after_enough_samples():
