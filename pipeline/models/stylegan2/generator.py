@@ -54,8 +54,11 @@ class Generator(Growable):
         ws = self.mapping(z, y, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
         if self.training and self.style_mixing_prob > 0:
             ws = self.mix_styles(ws, torch.randn_like(z), y)
+        img = self.render(ws)
+        return (img, ws) if return_ws else img
+
+    def render(self, ws: Tensor) -> Tensor:
+        """ws (N, num_ws, w_dim) -> images at the current growth stage: forward after the mapping (PPL in W uses it)."""
         img = self.synthesis(ws, noise_mode=self.noise_mode if self.training else "const",
                              resolution=self.active_resolution, alpha=self.alpha if self.fading else 1.0)
-        if self.output_resolution:
-            img = self.resize(img, self.output_resolution)
-        return (img, ws) if return_ws else img
+        return self.resize(img, self.output_resolution) if self.output_resolution else img
