@@ -26,6 +26,8 @@ def test_model_configs_exist():
 
 
 VARIANTS = [(name, ()) for name in MODEL_NAMES] + [("biggan", ("model.generator.cbn_stats=per_class",))]
+# StyleGAN2 with learned 2D AR noise: the AR coefficients are parameters of G too
+VARIANTS += [("stylegan2", ("model.generator.noise_mode=ar", "model.generator.noise_ar.learn=true"))]
 
 
 @pytest.mark.parametrize("name,extra", VARIANTS, ids=[" ".join((n, *e)) for n, e in VARIANTS])

@@ -1,12 +1,15 @@
 """Conditional StyleGAN2 generator: mapping -> synthesis, with style mixing and truncation."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from pipeline.models.growth import Growable, check_growth_resolutions
+from pipeline.models.stylegan2.ar_noise import check_noise_ar
 from pipeline.models.stylegan2.mapping import MappingNetwork
-from pipeline.models.stylegan2.synthesis import SynthesisNetwork
+from pipeline.models.stylegan2.synthesis import NOISE_MODES, SynthesisNetwork
 
 
 class Generator(Growable):
@@ -17,9 +20,13 @@ class Generator(Growable):
                  mapping_layers: int = 8, mapping_lr_multiplier: float = 0.01, w_avg_beta: float = 0.995,
                  channel_base: int = 32768, channel_max: int = 512, resample_filter: list[float] = (1, 3, 3, 1),
                  conv_clamp: float | None = None, style_mixing_prob: float = 0.9, noise_mode: str = "random",
-                 channels_last: bool = False, num_fp16_res: int = 0,
+                 noise_ar: Mapping | None = None, channels_last: bool = False, num_fp16_res: int = 0,
                  growth_resolutions: list[int] | None = None) -> None:
+        """noise_ar: {order, coefficients, learn} of the 2D AR noise that noise_mode=ar injects (ar_noise.py)."""
         super().__init__()
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"model.generator.noise_mode={noise_mode!r} must be one of {', '.join(NOISE_MODES)}")
+        ar_spec = check_noise_ar(noise_ar)  # checked even when unused, so a typo fails early
         if not 0.0 <= style_mixing_prob <= 1.0:
             raise ValueError(f"style_mixing_prob={style_mixing_prob} must lie in [0, 1]")
         self.resolution, self.channels, self.num_classes, self.z_dim = resolution, channels, num_classes, z_dim
@@ -27,7 +34,8 @@ class Generator(Growable):
         self.synthesis = SynthesisNetwork(resolution=resolution, img_channels=channels, w_dim=w_dim,
                                           channel_base=channel_base, channel_max=channel_max,
                                           resample_filter=list(resample_filter), conv_clamp=conv_clamp,
-                                          channels_last=channels_last, num_fp16_res=num_fp16_res)
+                                          channels_last=channels_last, num_fp16_res=num_fp16_res,
+                                          noise_ar=ar_spec if noise_mode == "ar" else None)
         self.num_ws = self.synthesis.num_ws
         self.init_growth(check_growth_resolutions(growth_resolutions, resolution,
                                                   [r for r in self.synthesis.resolutions if r >= 8]), resample_filter)

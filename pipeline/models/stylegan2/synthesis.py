@@ -9,32 +9,44 @@ from torch import Tensor, nn
 
 from pipeline.layers.fir import make_filter, upsample2d
 from pipeline.layers.modulated_conv import ModulatedConv2d
+from pipeline.models.stylegan2.ar_noise import ARNoise, ARNoiseSpec
 
-NOISE_MODES = ("random", "const", "none")
+NOISE_MODES = ("random", "const", "none", "ar")
 
 
 class NoiseInjection(nn.Module):
-    """x + strength * noise: per-pixel noise, one learned strength per channel, initialised to 0."""
+    """x + strength * noise: per-pixel noise, one learned strength per channel, initialised to 0.
 
-    def __init__(self, *, channels: int, resolution: int) -> None:
+    mode "ar" draws unit-variance 2D AR noise (ar_noise.py) from this layer's own AR module, built when
+    `noise_ar` is given (model.generator.noise_mode=ar); the const buffer stays for eval either way.
+    """
+
+    def __init__(self, *, channels: int, resolution: int, noise_ar: ARNoiseSpec | None = None) -> None:
         super().__init__()
         self.strength = nn.Parameter(torch.zeros(channels))
         self.register_buffer("const_noise", torch.randn(1, 1, resolution, resolution))
+        self.ar = ARNoise(noise_ar) if noise_ar is not None else None
 
     def forward(self, x: Tensor, mode: str) -> Tensor:
         if mode == "none":
             return x
         n, _, h, w = x.shape
-        noise = self.const_noise if mode == "const" else torch.randn(n, 1, h, w, device=x.device, dtype=x.dtype)
+        if mode == "ar":
+            if self.ar is None:
+                raise ValueError("noise_mode='ar' needs a G built with model.generator.noise_mode=ar")
+            noise = self.ar(n, h, w, device=x.device)
+        else:
+            noise = self.const_noise if mode == "const" else torch.randn(n, 1, h, w, device=x.device, dtype=x.dtype)
         return torch.addcmul(x, noise.to(x.dtype), self.strength.to(x.dtype).view(1, -1, 1, 1))  # one pass, no temporary
 
 
 def synthesis_layer(in_channels: int, out_channels: int, *, w_dim: int, resolution: int, up: int,
-                    resample_filter: list[float], conv_clamp: float | None) -> ModulatedConv2d:
+                    resample_filter: list[float], conv_clamp: float | None,
+                    noise_ar: ARNoiseSpec | None = None) -> ModulatedConv2d:
     """3x3 modulated conv -> per-pixel noise -> bias + leaky ReLU (StyleGAN2 fig. 2d)."""
     return ModulatedConv2d(in_channels, out_channels, 3, w_dim=w_dim, up=up, resample_filter=resample_filter,
                            activation="lrelu", conv_clamp=conv_clamp,
-                           noise=NoiseInjection(channels=out_channels, resolution=resolution))
+                           noise=NoiseInjection(channels=out_channels, resolution=resolution, noise_ar=noise_ar))
 
 
 def fp16_resolution(resolution: int, num_fp16_res: int, conv_clamp: float | None, key: str) -> float:
@@ -59,7 +71,7 @@ class SynthesisBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, *, w_dim: int, resolution: int, img_channels: int,
                  resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False,
-                 use_fp16: bool = False) -> None:
+                 use_fp16: bool = False, noise_ar: ARNoiseSpec | None = None) -> None:
         super().__init__()
         self.resolution, self.use_fp16 = resolution, use_fp16
         # The layout of the activations that start from the constant; every later layer keeps it.
@@ -68,9 +80,10 @@ class SynthesisBlock(nn.Module):
         if first:
             self.const = nn.Parameter(torch.randn(out_channels, resolution, resolution))
         convs = [] if first else [synthesis_layer(in_channels, out_channels, w_dim=w_dim, resolution=resolution, up=2,
-                                                 resample_filter=resample_filter, conv_clamp=conv_clamp)]
+                                                 resample_filter=resample_filter, conv_clamp=conv_clamp,
+                                                 noise_ar=noise_ar)]
         convs.append(synthesis_layer(out_channels, out_channels, w_dim=w_dim, resolution=resolution, up=1,
-                                    resample_filter=resample_filter, conv_clamp=conv_clamp))
+                                    resample_filter=resample_filter, conv_clamp=conv_clamp, noise_ar=noise_ar))
         self.convs = nn.ModuleList(convs)
         # toRGB: 1x1 modulated conv without demodulation (StyleGAN2 fig. 7)
         self.to_rgb = ModulatedConv2d(out_channels, img_channels, 1, w_dim=w_dim, demodulate=False,
@@ -101,7 +114,8 @@ class SynthesisNetwork(nn.Module):
 
     def __init__(self, *, resolution: int, img_channels: int, w_dim: int, channel_base: int, channel_max: int,
                  resample_filter: list[float], conv_clamp: float | None, channels_last: bool = False,
-                 num_fp16_res: int = 0) -> None:
+                 num_fp16_res: int = 0, noise_ar: ARNoiseSpec | None = None) -> None:
+        """noise_ar: build per-layer AR noise modules (noise_mode "ar"); None: random/const/none only."""
         super().__init__()
         log2 = math.log2(resolution)
         if resolution < 8 or log2 != int(log2):
@@ -113,7 +127,8 @@ class SynthesisNetwork(nn.Module):
             out = channels_at(res, channel_base, channel_max)
             blocks.append(SynthesisBlock(prev, out, w_dim=w_dim, resolution=res, img_channels=img_channels,
                                          resample_filter=resample_filter, conv_clamp=conv_clamp,
-                                         channels_last=channels_last, use_fp16=res >= lowest_fp16))
+                                         channels_last=channels_last, use_fp16=res >= lowest_fp16,
+                                         noise_ar=noise_ar))
             prev = out
         self.blocks = nn.ModuleList(blocks)
         # Consecutive blocks overlap by one w (toRGB of block b and first conv of block b+1).
