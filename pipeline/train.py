@@ -164,6 +164,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
         logger.log_hyperparams(gan.config)
 
     metrics = build(cfg, "metrics") if cfg.get("metrics") else None  # metrics=none composes to an empty node
+    diagnostics = build(cfg, "diagnostics") if cfg.get("diagnostics") else None  # none: an empty node
     total_batches = schedule.num_batches(round(settings.kimg * 1000), cfg.data.batch_size, world)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices if world == 1 else world // cfg.trainer.num_nodes,
@@ -181,6 +182,7 @@ def run(cfg: DictConfig, *, callbacks: list[L.Callback] | None = None) -> tuple[
                        samples_per_class=settings.samples_per_class, truncation=settings.truncation,
                        seed=settings.sample_seed, standing_stats=settings.standing_stats),
             *([metrics] if metrics else []),  # before RunSummary: its final scores go into summary.json
+            *([diagnostics] if diagnostics else []),
             RunSummary(path=run_dir / "summary.json", log_every_kimg=settings.log_every_kimg),
             NetworkStats(every_kimg=settings.log_every_kimg),
             DataHealth(max_bad_fraction=datamodule.max_bad_fraction, source=str(cfg.data.source)),

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from pipeline.metrics import fit
 from pipeline.metrics.checkpoint import build_generator, checkpoint_kimg, read_checkpoint
 from pipeline.metrics.errors import EvalError
 from pipeline.metrics.evaluate import METRICS, check_metrics, evaluate, parse_metrics, truncation_mode
 from pipeline.metrics.features import resolve_feature_net
-from pipeline.metrics import fit
 from pipeline.metrics.real_data import class_counts, find_shards
 from pipeline.metrics.reference import reference_features
 from pipeline.training.standing_stats import standing_statistics
@@ -119,7 +119,7 @@ def _default_metrics(conditional: bool, has_logits: bool) -> list[str]:
     return ["fid", "kid", "pr"] + ["intra_fid"] * conditional + ["accuracy"] * (conditional and has_logits)
 
 
-def _real_data(args: argparse.Namespace, ckpt: dict[str, Any], G: torch.nn.Module) -> tuple[Any, dict, str]:
+def real_data(args: argparse.Namespace, ckpt: dict[str, Any], G: torch.nn.Module) -> tuple[Any, dict, str]:
     """(shard folder, manifest, cache dir) of the data G was trained on, or of --data; checked against G."""
     data_cfg, paths = ckpt["config"].get("data", {}), ckpt["config"].get("paths", {})
     cache_dir = args.cache_dir or os.environ.get("GAN_PIPELINE_CACHE") or paths.get("cache_dir") or DEFAULT_CACHE
@@ -149,7 +149,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         standing_statistics(G, num_batches=args.standing_stats, batch_size=args.batch_size, seed=args.seed,
                             truncation=args.truncation if truncation_mode(G) == "z_threshold" else None,
                             progress=not args.no_progress)
-    shard_dir, manifest, cache_dir = _real_data(args, ckpt, G)
+    shard_dir, manifest, cache_dir = real_data(args, ckpt, G)
     counts = class_counts(manifest) if G.num_classes > 0 else []
     progress = not args.no_progress
     net = resolve_feature_net(args.feature_net, manifest=manifest, shard_dir=shard_dir, cache_dir=cache_dir,
