@@ -14,13 +14,13 @@ feature_fn, and are not comparable with published LPIPS-based PPL numbers.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from pipeline.diagnostics.modes import eval_mode
 from pipeline.metrics.features import FeatureNet
 
 FeatureFn = Callable[[Tensor], Tensor]  # images (N, C, H, W) -> features (N, D)
@@ -70,17 +70,6 @@ def trimmed_mean(d: Tensor, lo: float = 0.01, hi: float = 0.99) -> Tensor:
     n = len(s)
     low, high = s[math.floor(lo * (n - 1))], s[math.ceil(hi * (n - 1))]
     return d[(d >= low) & (d <= high)].mean()
-
-
-@contextlib.contextmanager
-def eval_mode(G: nn.Module) -> Iterator[nn.Module]:
-    """G in eval mode (no style mixing, no w_avg update, fixed noise, running BN stats), restored afterwards."""
-    was_training = G.training
-    G.eval()
-    try:
-        yield G
-    finally:
-        G.train(was_training)
 
 
 def default_labels(G: nn.Module) -> LabelFn:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.diagnostics.dynamics import FixedBatch, dynamics_report
+from pipeline.diagnostics.modes import eval_mode
 from pipeline.diagnostics.noise import image_ar_report
 from pipeline.diagnostics.spectra import radial_power_spectrum, spectral_discrepancy, weight_spectra
 from pipeline.metrics.errors import EvalError
@@ -28,15 +29,8 @@ def parse_what(spec: str | Sequence[str], *, arg: str = "--what") -> list[str]:
 @contextmanager
 def eval_no_grad(*modules: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for a read-only forward; every module's own training flag is restored."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        with torch.no_grad():
-            for module in modules:
-                module.eval()
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with torch.no_grad(), eval_mode(*modules):
+        yield
 
 
 def conv_input_sizes(model: nn.Module, *inputs: Tensor | None) -> dict[str, int]:

@@ -12,11 +12,12 @@ azimuthally averaged power spectrum shows (Durall et al. 2020, "Watch your up-co
 2020, "Fourier spectrum discrepancies in deep network generated images").
 """
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.diagnostics.modes import eval_mode
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 WINDOWS = (None, "hann")
@@ -127,18 +128,6 @@ def conv_layer_operator(module: nn.Module, weight: Tensor, n: int) -> dict:
 
 
 # ---- per-model report --------------------------------------------------------------------------------------
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode while weights are read: torch's SN advances its power iteration on every training-mode read."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training  # not m.train(): that would recurse into children already restored
-
-
 def _feature_size(feature_size: int | Mapping[str, int] | None, name: str) -> int | None:
     if isinstance(feature_size, Mapping):
         return feature_size.get(name)
@@ -179,7 +168,7 @@ def weight_spectra(
     the model: it runs in eval mode (SN's u, v stay put) and the training flags are restored.
     """
     reports = {}
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):  # torch's SN advances its power iteration in training mode
         for name, module in model.named_modules():
             weight = effective_weight(module)
             if weight is not None:

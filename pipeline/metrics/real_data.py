@@ -13,6 +13,7 @@ from torch import Tensor
 
 from pipeline.data import storage
 from pipeline.data.shards import DatasetError, ensure_shards, iterate_shards, read_manifest
+from pipeline.data.stream import to_float
 from pipeline.metrics.errors import EvalError
 
 # What identifies the data: the shards' bytes (sha256) and how they are read. Not `source`, a path
@@ -42,7 +43,7 @@ def to_unit_range(pixels: np.ndarray) -> Tensor:
     """uint8 (H, W) or (H, W, 3) -> float32 (C, H, W) in [-1, 1], as the data module serves them."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return to_float(torch.from_numpy(pixels).permute(2, 0, 1))
 
 
 def real_batches(shard_dir: str | Path, batch_size: int, max_samples: int | None = None
